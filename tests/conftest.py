@@ -1,0 +1,56 @@
+"""Shared helpers: tiny random checkpoints written with transformers (the reference) into temp folders."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 96
+
+
+def tiny_gpt2(folder, tie=True, cls_head=False, seed=0, **overrides):
+    """A random 2-layer GPT-2 (or GPT2ForSequenceClassification) saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                        num_labels=1, **overrides)
+    model = (GPT2ForSequenceClassification if cls_head else GPT2LMHeadModel)(config).eval()
+    with torch.no_grad():  # random biases and norm gains, so a wrong mapping cannot hide behind zeros/ones
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False, seed=0, **save_kwargs):
+    """A random 2-layer Llama (or LlamaForSequenceClassification) saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if rope_scaling:
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=128,
+                         rope_parameters=rope, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=0, num_labels=1, rms_norm_eps=1e-5)
+    model = (LlamaForSequenceClassification if cls_head else LlamaForCausalLM)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, VOCAB, (3, 20), generator=g)

@@ -309,13 +309,15 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir, dtype=None, device=None):
         """A model in eval mode from a local folder (HF config.json or Meta params.json) or a hub name."""
         folder = resolve_checkpoint(name_or_dir)
-        if os.path.exists(os.path.join(folder, "params.json")):
+        if os.path.exists(os.path.join(folder, "gpt_config.json")):
+            config, weights = load_native(folder)
+        elif os.path.exists(os.path.join(folder, "params.json")):
             config, weights = load_meta_llama(folder)
         elif os.path.exists(os.path.join(folder, "config.json")):
             config, weights = load_hf(folder)
         else:
-            raise FileNotFoundError(f"{folder} has neither config.json (Hugging Face layout) nor params.json "
-                                    "(Meta layout); point from_pretrained at the folder that holds the weights")
+            raise FileNotFoundError(f"{folder} has no config.json (Hugging Face layout), params.json (Meta layout) "
+                                    "or gpt_config.json (ours); point from_pretrained at the folder with the weights")
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -340,6 +342,24 @@ class GPT(nn.Module):
         if config.positions == "rope":
             model.inv_freq = rope_frequencies(config).to(device)
         return model.eval()
+
+    def save_pretrained(self, folder):
+        """Our own layout: gpt_config.json (the GPTConfig) and model.safetensors under our key names."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings and not self.config.n_labels:
+            state.pop("lm_head.weight")  # the same tensor as wte.weight
+        write_atomically(os.path.join(folder, "model.safetensors"), lambda path: save_file(state, path))
+        write_atomically(os.path.join(folder, "gpt_config.json"),
+                         lambda path: open(path, "w").write(json.dumps(asdict(self.config), indent=1)))
+
+
+def write_atomically(path, write):
+    """write(tmp) then rename over `path`: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +483,15 @@ def read_json(path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_native(folder):
+    config = GPTConfig(**read_json(os.path.join(folder, "gpt_config.json")))
+    weights = Weights(folder)
+    weights.add_file(os.path.join(folder, "model.safetensors"))
+    for key in weights.files["model.safetensors"]:
+        weights.map(key, [key])
+    return config, weights
 
 
 def load_hf(folder):

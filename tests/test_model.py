@@ -223,7 +223,7 @@ def test_error_no_weights_file(tmp_path):
 
 
 def test_error_folder_without_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither config.json"):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
         GPT.from_pretrained(str(tmp_path))
 
 

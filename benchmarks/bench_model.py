@@ -1,0 +1,77 @@
+"""
+Decode and prefill speed of model.py against transformers' generate, same random GPT-2-small (124M) weights,
+same machine, same run: greedy, a 32-token prompt, 64 new tokens, batch 1 and 8.
+
+    python benchmarks/bench_model.py
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, generate  # noqa: E402
+
+
+def best_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated per row")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = GPT.from_pretrained(folder)
+    print(f"GPT-2 small, random weights, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
+    for B in args.batch_sizes:
+        prompt = torch.randint(0, 50257, (B, args.prompt_len))
+        n = args.new_tokens
+
+        def ours_generate():
+            generate(ours, prompt.tolist(), max_new_tokens=n, temperature=0, eos_ids=[])
+
+        def hf_generate():
+            with torch.no_grad():
+                ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+
+        def ours_prefill():
+            with torch.no_grad():
+                ours.head(ours.states(prompt, ours.new_cache(B, args.prompt_len))[:, -1])
+
+        def hf_prefill():
+            with torch.no_grad():
+                ref(prompt, use_cache=True, logits_to_keep=1)
+
+        t_ours, t_hf = best_time(ours_generate, args.repeats), best_time(hf_generate, args.repeats)
+        p_ours, p_hf = best_time(ours_prefill, args.repeats), best_time(hf_prefill, args.repeats)
+        tokens, prefill_tokens = B * n, B * args.prompt_len
+        print(f"{B:>5} {tokens / t_ours:>11.1f} {tokens / t_hf:>10.1f} {t_hf / t_ours:>6.2f} "
+              f"{prefill_tokens / p_ours:>19.0f} {prefill_tokens / p_hf:>17.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,7 @@ class WorldConfig:
     seed: int = 1234  # fixes qualities, moods and the train/test split
     quality_scale: float = 1.2  # spread of the products' hidden quality (logits)
     mood_scale: float = 0.6  # spread of the reviewers' mood (logits)
+    coherence: float = 0.85  # how often a sentence follows its review's overall polarity
     negation_rate: float = 0.2  # how often a sentence says "not" (and flips its adjective or verb)
     test_fraction: float = 0.25
 
@@ -77,11 +78,13 @@ class World:
         return 1 / (1 + math.exp(-(self.quality[product] + self.mood[name])))
 
     def sample_response(self, name, product, rng):
-        """A response from the grammar: 1-3 sentences, each positive with the prompt's positive rate."""
-        p = self.positive_rate(name, product)
+        """A response from the grammar: 1-3 sentences. The review is positive with the prompt's positive rate,
+        and each sentence follows the review's polarity with probability `coherence` (reviews are coherent, so
+        the model must carry "how the review is going" in its state)."""
+        review_good = rng.random() < self.positive_rate(name, product)
         sentences = []
         for _ in range(rng.choices([1, 2, 3], weights=[0.3, 0.4, 0.3])[0]):
-            good = rng.random() < p
+            good = review_good == (rng.random() < self.config.coherence)
             negate = rng.random() < self.config.negation_rate
             form = rng.choices(["adjective", "verb", "recommend"], weights=[0.6, 0.25, 0.15])[0]
             aspect = rng.choice(ASPECTS)

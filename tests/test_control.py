@@ -1,0 +1,114 @@
+"""E7: the controller, against finite differences and the base model, and its place in the sampling loop."""
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, generate
+from recontrol import Controller
+from value import ValueConfig, ValueFunction
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture
+def value():
+    torch.manual_seed(1)
+    v = ValueFunction(ValueConfig(n_embd=32, activation="tanh"))
+    return v.requires_grad_(False)
+
+
+PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+
+
+@pytest.mark.parametrize("alpha,n", [(0.0, 30), (0.5, 0)])
+def test_zero_control_is_exactly_the_base_model(model, value, alpha, n):
+    base = generate(model, PROMPTS, 12, seed=4, eos_ids=[], record_states=True)
+    ctrl = generate(model, PROMPTS, 12, seed=4, eos_ids=[], record_states=True, edit=Controller(value, alpha, n))
+    assert ctrl.tokens == base.tokens
+    o = torch.cat(base.states)
+    assert torch.equal(model.head(Controller(value, alpha, n)(o)), model.head(o))
+
+
+def test_one_step_follows_the_finite_difference_gradient(value):
+    o = torch.randn(3, 32, dtype=torch.float64).float()
+    u = Controller(value, step_size=0.1, n_steps=1).control(o)
+    eps = 1e-3
+    fd = torch.zeros_like(o)
+    for j in range(32):
+        e = torch.zeros(32)
+        e[j] = eps
+        fd[:, j] = (value(o + e) - value(o - e)) / (2 * eps)
+    assert torch.allclose(u, 0.1 * fd, atol=1e-4)
+
+
+def test_l2_penalty_enters_the_gradient(value):
+    o = torch.randn(2, 32)
+    c = Controller(value, step_size=0.1, n_steps=2, l2=3.0)
+    u1 = Controller(value, 0.1, 1).control(o)
+    with torch.enable_grad():
+        u = u1.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(value(o + u).sum(), u)
+    assert torch.allclose(c.control(o), u1 + 0.1 * (g - 2 * 3.0 * u1), atol=1e-6)
+
+
+def test_value_rises_over_the_steps_for_a_small_step_size(value):
+    o = torch.randn(5, 32)
+    values = [value(o + Controller(value, 0.05, n).control(o)) if n else value(o) for n in range(8)]
+    for before, after in zip(values, values[1:]):
+        assert (after > before).all()
+
+
+def test_max_norm_bounds_u(value):
+    u = Controller(value, 5.0, 20, max_norm=0.3).control(torch.randn(4, 32))
+    assert (u.norm(dim=-1) <= 0.3 + 1e-5).all() and (u.norm(dim=-1) > 0.29).all()
+
+
+def test_only_the_newest_position_is_edited_and_the_cache_never_sees_u(model, value):
+    seen = []
+    controller = Controller(value, 2.0, 10)
+
+    def spy(o):
+        seen.append(o.shape)
+        return controller(o)
+    caches = []
+    new_cache = model.new_cache
+    model.new_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+    out = generate(model, PROMPTS, 10, seed=0, eos_ids=[], edit=spy)
+    del model.new_cache
+    assert seen and all(s == (3, 32) for s in seen)  # (B, C): one state per row, never the prompt positions
+    # the cache holds exactly what a plain forward over prompt + generated tokens writes
+    from model import left_pad
+    full = [p + t for p, t in zip(PROMPTS, out.tokens)]
+    idx, mask = left_pad(full, "cpu")
+    reference = model.new_cache(3, idx.shape[1])
+    with torch.no_grad():
+        model.states(idx, reference, mask)
+    n = idx.shape[1] - 1  # the last sampled token is never fed back
+    assert torch.allclose(caches[0].k[:, :, :, :n], reference.k[:, :, :, :n], atol=1e-5)
+    assert torch.allclose(caches[0].v[:, :, :, :n], reference.v[:, :, :, :n], atol=1e-5)
+
+
+def test_control_runs_in_fp32_for_a_bf16_model(model, value):
+    o = torch.randn(2, 32).to(torch.bfloat16)
+    seen = []
+    value.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    out = Controller(value, 0.5, 3)(o)
+    assert out.dtype == torch.bfloat16 and set(seen) == {torch.float32}
+
+
+def test_batched_control_equals_one_by_one(model, value):
+    controller = Controller(value, 1.0, 5)
+    batch = generate(model, PROMPTS, 8, temperature=0, eos_ids=[], edit=controller)
+    for i, p in enumerate(PROMPTS):
+        assert generate(model, [p], 8, temperature=0, eos_ids=[], edit=controller).tokens[0] == batch.tokens[i]
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(step_size=-0.1), "step size >= 0"), (dict(n_steps=-1), "steps >= 0"),
+                                          (dict(l2=-1.0), "l2 >= 0"), (dict(max_norm=0.0), "max_norm must be > 0")])
+def test_bad_control_settings_are_clear_errors(value, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Controller(value, **kwargs)

@@ -53,7 +53,7 @@ def sample(model, enc, prompts, reward_fn, value, controller, args, seed):
             if value is not None:
                 with torch.no_grad():
                     row["value_start"], row["value_end"] = value(out.states[i][[0, -1]]).tolist()
-            if args.model == "toy":
+            if args.reward == "toy":  # the toy world: its grammar is checked exactly
                 row["grammatical"] = toyworld.is_grammatical(text)
             rows.append(row)
     return rows, {"seconds": seconds, "tokens": n_tokens}

@@ -13,13 +13,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 VOCAB = 96
 
 
-def tiny_gpt2(folder, tie=True, cls_head=False, seed=0, **overrides):
+def tiny_gpt2(folder, tie=True, cls_head=False, seed=0, vocab_size=VOCAB):
     """A random 2-layer GPT-2 (or GPT2ForSequenceClassification) saved with save_pretrained."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                        num_labels=1, **overrides)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=0, num_labels=1)
     model = (GPT2ForSequenceClassification if cls_head else GPT2LMHeadModel)(config).eval()
     with torch.no_grad():  # random biases and norm gains, so a wrong mapping cannot hide behind zeros/ones
         for name, p in model.named_parameters():
@@ -48,6 +47,27 @@ def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, **save_kwargs)
     return model
+
+
+TOKENIZER_TEXTS = [
+    "Hello world! It's a test, isn't it? We'll see; they've gone, I'm here, you're there, he'd go.",
+    "   leading spaces and  double  spaces\tand tabs\n\nand newlines   \n",
+    "numbers 12345 and 3.14159 and 1,000,000 and 2024-11-21",
+    "unicode: café, naïve, Größe, 日本語のテキスト, Ελληνικά, русский",
+    "emoji 😀🎉👍🏽 and 🤖 mixed with text😀text",
+    "<|endoftext|> is special only when allowed",
+    "CamelCaseWords and snake_case_words and UPPER CASE!!!",
+    "",
+]
+
+
+def train_gpt2_files(folder):
+    """A GPT-2-format vocab.json + merges.txt (400 tokens) from a byte-level BPE trained here on a small corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+    tok = ByteLevelBPETokenizer()
+    corpus = [t * 3 for t in TOKENIZER_TEXTS[:-1]] + ["the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(corpus, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok.save_model(str(folder))
 
 
 @pytest.fixture

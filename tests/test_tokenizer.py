@@ -6,28 +6,8 @@ import json
 
 import pytest
 
+from conftest import TOKENIZER_TEXTS as TEXTS, train_gpt2_files
 from model import byte_encoding, eos_token_ids, llama3_chat_prompt, load_tokenizer, save_tokenizer
-
-TEXTS = [
-    "Hello world! It's a test, isn't it? We'll see; they've gone, I'm here, you're there, he'd go.",
-    "   leading spaces and  double  spaces\tand tabs\n\nand newlines   \n",
-    "numbers 12345 and 3.14159 and 1,000,000 and 2024-11-21",
-    "unicode: café, naïve, Größe, 日本語のテキスト, Ελληνικά, русский",
-    "emoji 😀🎉👍🏽 and 🤖 mixed with text😀text",
-    "<|endoftext|> is special only when allowed",
-    "CamelCaseWords and snake_case_words and UPPER CASE!!!",
-    "",
-]
-
-
-def train_gpt2_files(folder):
-    """A GPT-2-format vocab.json + merges.txt from a byte-level BPE trained here on a small corpus."""
-    from tokenizers import ByteLevelBPETokenizer
-    tok = ByteLevelBPETokenizer()
-    corpus = [t * 3 for t in TEXTS[:-1]] + ["the quick brown fox jumps over the lazy dog"] * 20
-    tok.train_from_iterator(corpus, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
-    tok.save_model(str(folder))
-
 
 def test_gpt2_format_matches_transformers(tmp_path):
     from transformers import GPT2Tokenizer

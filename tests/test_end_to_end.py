@@ -1,0 +1,170 @@
+"""The whole method on a tiny toy world (pretrain -> rollouts -> V -> control), the scripts' bad-input errors,
+rollout storage and resumption, the toy world's grammar and reward."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import generate as generate_script
+import toyworld
+import train_value
+from model import GPT, GPTConfig, save_tokenizer
+from recontrol import Rollouts, collect_rollouts
+from tasks import hh_prompt, load_prompts, load_reward, run_cli
+
+TINY = toyworld.PretrainConfig(n_layer=2, n_head=2, n_embd=64, documents=10000, steps=2000, batch_size=48, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny toy-world base model (pretrained here in ~25 s), saved like any checkpoint folder, and its V."""
+    out = tmp_path_factory.mktemp("toy")
+    toyworld.base_model(str(out), pretrain_config=TINY, log=lambda *a: None)
+    folder = str(out / "base")
+    value = str(out / "value.pt")
+    train_value.main(["--model", folder, "--prompts", "toy-train", "--reward", "toy", "--out", value,
+                      "--samples-per-prompt", "32", "--max-new-tokens", "32", "--epochs", "60", "--lr", "1e-3",
+                      "--method", "mc"])
+    return folder, value
+
+
+def test_controlled_mean_reward_exceeds_the_base_models(tiny_world, tmp_path):
+    folder, value = tiny_world
+    out = tmp_path / "gen.jsonl"
+    base, ctrl = generate_script.main(["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--value", value,
+                                       "--step-size", "0.1", "--n-steps", "20", "--samples-per-prompt", "4",
+                                       "--max-new-tokens", "32", "--seeds", "0", "1", "--out", str(out)])
+    assert ctrl["reward"] > base["reward"] + 0.05, (base, ctrl)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 30 * 4 and {"reward", "value_start", "value_end", "response"} <= set(rows[0])
+
+
+def test_value_checkpoint_records_what_it_was_trained_for(tiny_world):
+    folder, value = tiny_world
+    checkpoint = torch.load(value, weights_only=True)
+    assert checkpoint["base_model"] == folder and checkpoint["reward"] == "toy"
+    assert checkpoint["config"]["n_embd"] == 64 and checkpoint["train_args"]["method"] == "mc"
+    assert -1 <= checkpoint["metrics"]["calibration"] <= 1
+
+
+def generate_args(folder, value=None, *extra):
+    return ["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--max-new-tokens", "8",
+            *(["--value", value] if value else []), *extra]
+
+
+def test_bad_inputs_are_clear_errors(tiny_world, tmp_path):
+    folder, value = tiny_world
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        generate_script.main(generate_args(folder) + ["--prompts", str(empty)])
+    with pytest.raises(ValueError, match="unknown reward 'nice'"):
+        generate_script.main(generate_args(folder) + ["--reward", "nice"])
+    with pytest.raises(ValueError, match="step size >= 0"):
+        generate_script.main(generate_args(folder, value, "--step-size", "-0.5"))
+    with pytest.raises(ValueError, match="steps >= 0"):
+        generate_script.main(generate_args(folder, value, "--n-steps", "-3"))
+    with pytest.raises(ValueError, match="exceeds the model's context of 48"):
+        generate_script.main(generate_args(folder) + ["--max-new-tokens", "60"])
+    other = tmp_path / "other"  # a model of the same width that V was not trained for
+    torch.manual_seed(5)
+    GPT(GPTConfig(vocab_size=400, block_size=48, n_layer=1, n_head=2, n_embd=64)).save_pretrained(str(other))
+    save_tokenizer(toyworld.encoding(), str(other))
+    with pytest.raises(ValueError, match="whose weights differ"):
+        generate_script.main(generate_args(str(other), value))
+
+
+def test_run_cli_turns_input_errors_into_one_line(capsys):
+    def broken():
+        raise ValueError("unknown reward 'nice'; use one of toy, sentiment")
+    with pytest.raises(SystemExit, match="error: unknown reward 'nice'"):
+        run_cli(broken)
+
+
+def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):
+    folder, _ = tiny_world
+    model = GPT.from_pretrained(folder)
+    enc = toyworld.encoding()
+    prompts = toyworld.World().train_prompts()[:6]
+    kwargs = dict(samples_per_prompt=3, batch_size=5, max_new_tokens=16, shard_size=7, seed=1, log=lambda *a: None)
+    collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **kwargs)
+    shards = sorted((tmp_path / "r").glob("shard_*.pt"))
+    assert len(shards) == 3  # 18 responses in shards of 7
+    first = torch.load(shards[1], weights_only=True)
+    os.remove(shards[1])
+    with pytest.raises(FileNotFoundError, match="rollout shards are missing"):
+        Rollouts(str(tmp_path / "r"))
+    collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **kwargs)  # resumes
+    again = torch.load(shards[1], weights_only=True)
+    assert again["texts"] == first["texts"] and torch.equal(again["states"], first["states"])
+    assert again["states"].dtype == torch.float16
+    batches = list(Rollouts(str(tmp_path / "r")).batches(range(6), batch_size=4))
+    assert sum(len(r) for _, _, r in batches) == 18
+    states, mask, rewards = batches[0]
+    assert states.shape[:2] == mask.shape and mask[:, 0].all()
+    with pytest.raises(ValueError, match="collected with other settings"):
+        collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **dict(kwargs, seed=2))
+
+
+def test_toy_grammar_and_reward():
+    assert toyworld.is_grammatical(" the price is not very good . i would recommend it .")
+    assert toyworld.is_grammatical(" i do not hate the battery .")
+    assert not toyworld.is_grammatical(" the price is good good .")
+    assert not toyworld.is_grammatical(" the price is good")
+    assert not toyworld.is_grammatical(" reviews the screen is great .")
+    assert not toyworld.is_grammatical(" a . b . c . d .")
+    r = toyworld.reward(None, [" the price is not bad .", " i hate the sound . the build is great .", " ."])
+    assert r.tolist() == [1.0, 0.0, 0.0]
+    world = toyworld.World()
+    assert not set(world.train_prompts()) & set(world.test_prompts()) and len(world.test_prompts()) == 30
+    rng = __import__("random").Random(0)
+    samples = [world.sample_response("ann", "drone", rng) for _ in range(200)]
+    assert all(toyworld.is_grammatical(s) for s in samples)
+    enc = toyworld.encoding()
+    assert len(enc.encode(" the price is great .")) == 5 and enc.decode(enc.encode(samples[0])) == samples[0]
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["first prompt", "second prompt"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert load_prompts(str(tmp_path / "p.jsonl")) == ["a", "b"]
+    import gzip
+    dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"
+    with gzip.open(tmp_path / "hh.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"chosen": dialogue, "rejected": dialogue + "!"}) + "\n")
+    assert load_prompts(str(tmp_path / "hh.jsonl.gz")) == ["\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?"
+                                                            "\n\nAssistant:"]
+    assert hh_prompt(dialogue).endswith("how are you?\n\nAssistant:")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 1: expected a JSON object with a \"prompt\" field"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_rewards(tmp_path):
+    sentiment = load_reward("sentiment")
+    assert sentiment(["", ""], ["What a wonderful, lovely day.", "This is not good at all."]).tolist() == [1.0, -1.0]
+    assert load_reward("toyworld:reward") is toyworld.reward
+    with pytest.raises(ValueError, match="cannot import nothing from toyworld"):
+        load_reward("toyworld:nothing")
+
+
+def test_reward_model_through_model_py(tmp_path):
+    from conftest import tiny_gpt2, train_gpt2_files
+    train_gpt2_files(tmp_path)
+    ref = tiny_gpt2(tmp_path, cls_head=True, vocab_size=400)
+    rm = load_reward(f"rm:{tmp_path}")
+    prompts, responses = ["Hello ", "Hi "], ["world!", "there, how are you?"]
+    scores = rm(prompts, responses)
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([rm.tokenizer.encode(p + r)])
+            assert abs(scores[i] - ref(ids).logits[0, 0]) <= 1e-4
+    tiny_gpt2(tmp_path / "lm", vocab_size=400)
+    train_gpt2_files(tmp_path / "lm")
+    with pytest.raises(ValueError, match="is a language model, not a reward model"):
+        load_reward(f"rm:{tmp_path / 'lm'}")

@@ -351,8 +351,7 @@ class GPT(nn.Module):
         if self.config.tie_embeddings and not self.config.n_labels:
             state.pop("lm_head.weight")  # the same tensor as wte.weight
         write_atomically(os.path.join(folder, "model.safetensors"), lambda path: save_file(state, path))
-        write_atomically(os.path.join(folder, "gpt_config.json"),
-                         lambda path: open(path, "w").write(json.dumps(asdict(self.config), indent=1)))
+        write_text_atomically(os.path.join(folder, "gpt_config.json"), json.dumps(asdict(self.config), indent=1))
 
 
 def write_atomically(path, write):
@@ -360,6 +359,13 @@ def write_atomically(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomically(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from model import generate, write_atomically
+from model import generate, write_atomically, write_text_atomically
 
 # -----------------------------------------------------------------------------
 # the controller
@@ -87,7 +87,7 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=
                                  "sampling); pass another --rollouts folder, or delete this one")
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples_per_prompt)]  # (prompt, sample)
     n_shards = math.ceil(len(jobs) / shard_size)
-    write_atomically(meta_path, lambda p: open(p, "w").write(json.dumps({"settings": settings, "n_shards": n_shards})))
+    write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
     t0, done = time.time(), 0
     for s in range(n_shards):
         path = os.path.join(folder, f"shard_{s:05d}.pt")
@@ -173,7 +173,8 @@ def main(argv=None):
     import generate as generate_script
     import train_value
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="out/toyworld", help="where the base model, rollouts and V go")
+    parser.add_argument("--out-dir", default="out/toyworld",
+                        help="where rollouts, V and the generations go (the base model is cached in out/toyworld)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the test runs")
     parser.add_argument("--step-size", type=float, default=TOY_STEP_SIZE, help="alpha of E7 for the main table")
     parser.add_argument("--n-steps", type=int, default=TOY_N_STEPS, help="n of E7 for the main table")

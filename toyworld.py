@@ -24,7 +24,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from model import GPT, GPTConfig, byte_encoding, generate, load_tokenizer, save_tokenizer
+from model import GPT, GPTConfig, byte_encoding, generate, load_tokenizer, save_tokenizer, write_text_atomically
 
 # -----------------------------------------------------------------------------
 # the language
@@ -222,8 +222,7 @@ def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_conf
     model, enc = pretrain(World(world_config), pretrain_config, log)
     model.save_pretrained(folder)
     save_tokenizer(enc, folder)
-    with open(settings_path, "w") as f:  # written last: a folder without it is retrained
-        json.dump(settings, f)
+    write_text_atomically(settings_path, json.dumps(settings))  # written last: a folder without it is retrained
     return model, enc
 
 

@@ -34,6 +34,7 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dtype", default="float32", help="dtype of both models: float32 or bfloat16")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,8 +44,9 @@ def main(argv=None):
     ref = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder)
-    print(f"GPT-2 small, random weights, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        ours = GPT.from_pretrained(folder, dtype=args.dtype)
+    ref.to(ours.wte.weight.dtype)
+    print(f"GPT-2 small, random weights, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
     for B in args.batch_sizes:
         prompt = torch.randint(0, 50257, (B, args.prompt_len))

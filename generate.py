@@ -14,23 +14,11 @@ import time
 import torch
 
 import toyworld
+from metrics import diversity
 from model import eos_token_ids, generate
 from recontrol import Controller
 from tasks import check_prompts_fit, load_model, load_prompts, load_reward, run_cli
 from value import load_value
-
-
-def diversity(responses):
-    """E8: mean over responses of prod_{n=2..4} (1 - rep_n), rep_n = 1 - unique n-grams / n-grams."""
-    scores = []
-    for tokens in responses:
-        score = 1.0
-        for n in (2, 3, 4):
-            grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-            if grams:
-                score *= len(set(grams)) / len(grams)
-        scores.append(score)
-    return sum(scores) / len(scores) if scores else float("nan")
 
 
 def sample(model, enc, prompts, reward_fn, value, controller, args, seed):

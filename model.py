@@ -862,6 +862,7 @@ class Generation:
     tokens: list  # per row, the response token ids, cut before EOS / the stop string
     texts: list  # per row, the decoded response (None without a tokenizer)
     states: list | None = None  # per row, o_0 ... o_T (T+1, C) when record_states was asked for
+    kl: list | None = None  # per row, the mean per-token KL from the base model when record_kl was asked for
 
 
 def next_token(logits, temperature, top_k, top_p, generator):
@@ -908,13 +909,23 @@ def cut_at_stop(tokens, enc, stop_strings):
     return n
 
 
+def kl_divergence(logits, base_logits, temperature):
+    """KL(p || p_base) per row between the sampling distribution and the base model's, at temperature tau."""
+    tau = temperature or 1.0
+    logp, logq = (logits.float() / tau).log_softmax(-1), (base_logits.float() / tau).log_softmax(-1)
+    return (logp.exp() * (logp - logq)).nan_to_num().sum(-1)  # tokens removed from p (logp = -inf) add 0
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_ids=None,
-             stop_strings=(), tokenizer=None, seed=None, edit=None, record_states=False):
+             stop_strings=(), tokenizer=None, seed=None, edit=None, rescore=None, record_states=False,
+             record_kl=False):
     """Sample responses for a batch of prompts (lists of token ids) with a preallocated KV cache.
 
     edit, when given, maps the newest state o_t (B, C) to o_t + u_t before the head (E3); the cache never
-    sees it. record_states keeps o_0 ... o_T of every response (E1), for training a value function.
+    sees it. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step from the
+    response tokens so far (B, t) and the cache (reward-guided decoding). record_states keeps o_0 ... o_T of
+    every response (E1); record_kl the mean per-token KL from the base model's next-token distribution.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -934,13 +945,21 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     o = model.states(idx, cache, attention_mask)[:, -1]  # (B, C): o_0, the state at the last prompt token
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    kl = torch.zeros(B, max_new_tokens, device=device)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # response tokens kept per row
     done = torch.zeros(B, dtype=torch.bool, device=device)
     trajectory = [o]
+    steps = 0
     for t in range(max_new_tokens):
-        logits = model.head(edit(o) if edit is not None else o)  # E3: W (o_t + u_t); E2 when edit is None
+        base_logits = model.head(o) if edit is None or record_kl else None  # E2
+        logits = model.head(edit(o)) if edit is not None else base_logits  # E3: W (o_t + u_t)
+        if rescore is not None:
+            logits = rescore(logits, out[:, :t], cache)
+        if record_kl:
+            kl[:, t] = kl_divergence(logits, base_logits, temperature)
         y = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         out[:, t] = y
+        steps = t + 1
         ended = ~done & torch.isin(y, eos)
         length[ended] = t  # the EOS token itself is not part of the response
         done |= ended
@@ -955,8 +974,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         trajectory.append(o)
     tokens = [out[i, :length[i]].tolist() for i in range(B)]
     texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else [None] * B
-    states = None
+    generation = Generation(tokens=tokens, texts=texts)
     if record_states:
         stacked = torch.stack(trajectory, dim=1)  # (B, steps+1, C)
-        states = [stacked[i, :length[i] + 1] for i in range(B)]  # o_0 ... o_T of each response
-    return Generation(tokens=tokens, texts=texts, states=states)
+        generation.states = [stacked[i, :length[i] + 1] for i in range(B)]  # o_0 ... o_T of each response
+    if record_kl:  # every decision of the response counts, the one that ended it included
+        generation.kl = [kl[i, :min(int(length[i]) + 1, steps)].mean().item() for i in range(B)]
+    return generation

@@ -6,6 +6,7 @@ Train the value function of RE-Control: rollouts from the base model -> rewards 
 """
 
 import argparse
+import json
 import os
 import random
 import time
@@ -14,7 +15,13 @@ import torch
 
 from recontrol import Rollouts, collect_rollouts
 from tasks import check_prompts_fit, load_model, load_prompts, load_reward, run_cli
+from model import write_text_atomically
 from value import ValueConfig, ValueFunction, bellman_loss, save_value
+
+
+def history_path(value_path):
+    """Where the per-epoch losses of a value checkpoint are kept (for plots)."""
+    return os.path.splitext(value_path)[0] + "_history.json"
 
 
 @torch.no_grad()
@@ -35,7 +42,8 @@ def evaluate(value, batches, method, gamma):
 
 def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", gamma=1.0,
           epochs=30, lr=1e-3, batch_size=64, seed=0, log=print):
-    """Adam on the Bellman loss; after every epoch the held-out loss; the best checkpoint is kept (atomically)."""
+    """Adam on the Bellman loss; after every epoch the held-out loss; the best checkpoint is kept (atomically),
+    and the losses of every epoch are written next to it."""
     torch.manual_seed(seed)
     value = ValueFunction(value_config)
     optimizer = torch.optim.Adam(value.parameters(), lr=lr)
@@ -53,6 +61,7 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
         held_loss, corr = evaluate(value, rollouts.batches(held_out_ids, 256), method, gamma)
         history.append({"epoch": epoch, "train_loss": total / max(n, 1), "held_out_loss": held_loss,
                         "calibration": corr})
+        write_text_atomically(history_path(out), json.dumps(history))
         improved = held_loss < best or not held_out_ids
         if improved:
             best = held_loss

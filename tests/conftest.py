@@ -74,3 +74,19 @@ def train_gpt2_files(folder):
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(1, VOCAB, (3, 20), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny toy-world base model (pretrained here in ~25 s), saved like any checkpoint folder, and its V."""
+    import toyworld
+    import train_value
+    out = tmp_path_factory.mktemp("toy")
+    config = toyworld.PretrainConfig(n_layer=2, n_head=2, n_embd=64, documents=10000, steps=2000, batch_size=48, lr=5e-3)
+    toyworld.base_model(str(out), pretrain_config=config, log=lambda *a: None)
+    folder = str(out / "base")
+    value = str(out / "value.pt")
+    train_value.main(["--model", folder, "--prompts", "toy-train", "--reward", "toy", "--out", value,
+                      "--rollouts", str(out / "rollouts"), "--samples-per-prompt", "32", "--max-new-tokens", "32",
+                      "--epochs", "60", "--lr", "1e-3", "--method", "mc"])
+    return folder, value

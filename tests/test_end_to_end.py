@@ -9,25 +9,9 @@ import torch
 
 import generate as generate_script
 import toyworld
-import train_value
 from model import GPT, GPTConfig, save_tokenizer
 from recontrol import Rollouts, collect_rollouts
 from tasks import hh_prompt, load_prompts, load_reward, run_cli
-
-TINY = toyworld.PretrainConfig(n_layer=2, n_head=2, n_embd=64, documents=10000, steps=2000, batch_size=48, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    """A tiny toy-world base model (pretrained here in ~25 s), saved like any checkpoint folder, and its V."""
-    out = tmp_path_factory.mktemp("toy")
-    toyworld.base_model(str(out), pretrain_config=TINY, log=lambda *a: None)
-    folder = str(out / "base")
-    value = str(out / "value.pt")
-    train_value.main(["--model", folder, "--prompts", "toy-train", "--reward", "toy", "--out", value,
-                      "--samples-per-prompt", "32", "--max-new-tokens", "32", "--epochs", "60", "--lr", "1e-3",
-                      "--method", "mc"])
-    return folder, value
 
 
 def test_controlled_mean_reward_exceeds_the_base_models(tiny_world, tmp_path):

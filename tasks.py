@@ -43,6 +43,26 @@ def check_prompts_fit(model, enc, prompts, max_new_tokens):
                          "lower --max-new-tokens")
 
 
+def add_task_arguments(parser, prompts="toy-test"):
+    """The flags every script shares: what model, which prompts, which reward."""
+    parser.add_argument("--model", default="toy", help="'toy' (the embedded default) or a model folder / hub name")
+    parser.add_argument("--prompts", default=prompts, help=f"{prompts}, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
+    parser.add_argument("--reward", default="toy", help="toy, sentiment, rm:<folder>, or module:function")
+    parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+
+
+def add_sampling_arguments(parser, max_new_tokens=128):
+    """The flags of model.generate's sampling, shared by every script that samples."""
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="keep the nucleus of probability p")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest response")
+    parser.add_argument("--stop", nargs="*", default=[], help="stop strings that end a response (e.g. 'Human:')")
+    parser.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
+
+
 def run_cli(main):
     """Run a script's main(); a mistake in its input ends with one line that names it, not a traceback."""
     try:

@@ -14,7 +14,8 @@ import time
 import torch
 
 from recontrol import Rollouts, collect_rollouts
-from tasks import check_prompts_fit, load_model, load_prompts, load_reward, run_cli
+from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
+                   load_reward, run_cli)
 from model import write_text_atomically
 from value import ValueConfig, ValueFunction, bellman_loss, save_value
 
@@ -75,30 +76,21 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="toy", help="'toy' (the embedded default) or a model folder / hub name")
-    parser.add_argument("--prompts", default="toy-train", help="toy-train, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
-    parser.add_argument("--reward", default="toy", help="toy, sentiment, rm:<folder>, or module:function")
+    add_task_arguments(parser, prompts="toy-train")
+    add_sampling_arguments(parser)
+    parser.set_defaults(samples_per_prompt=4)
     parser.add_argument("--out", default="out/toyworld/value.pt", help="the value checkpoint to write")
     parser.add_argument("--rollouts", default=None, help="folder for the rollout shards (default: next to --out)")
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="responses sampled per training prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k truncation of the rollouts")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus truncation of the rollouts")
-    parser.add_argument("--stop", nargs="*", default=[], help="stop strings that end a response (e.g. 'Human:')")
-    parser.add_argument("--gen-batch-size", type=int, default=64, help="prompts sampled together")
     parser.add_argument("--method", choices=["td", "mc"], default="td", help="TD(0) Bellman targets or Monte Carlo")
     parser.add_argument("--gamma", type=float, default=1.0, help="discount of E6 (the paper: 1)")
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training rollouts")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4 or 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=64, help="trajectories per training step")
+    parser.add_argument("--train-batch-size", type=int, default=64, help="trajectories per training step")
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts held out for validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the split and training")
-    parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     args = parser.parse_args(argv)
     if not 0 <= args.held_out < 1:
         parser.error(f"--held-out must be in [0, 1), got {args.held_out}")
@@ -110,7 +102,7 @@ def main(argv=None):
     folder = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
     print(f"collecting {args.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
     collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=args.samples_per_prompt,
-                     batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_strings=args.stop,
                      seed=args.seed)
     ids = list(range(len(prompts)))
@@ -122,7 +114,7 @@ def main(argv=None):
     info = dict(base_model_id=args.model, model=model, reward_name=args.reward, train_args=vars(args))
     print(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({args.method}, gamma {args.gamma})")
     history = train(Rollouts(folder), train_ids, held_out_ids, value_config, args.out, info, method=args.method,
-                    gamma=args.gamma, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+                    gamma=args.gamma, epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size, seed=args.seed)
     print(f"best checkpoint: {args.out}")
     return history
 

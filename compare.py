@@ -20,7 +20,7 @@ import metrics
 import toyworld
 from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
 from generate import Method, sample_with
-from recontrol import TOY_N_STEPS, TOY_STEP_SIZE, TOY_TRAIN_ARGS, Controller, Rollouts
+from recontrol import TOY_N_STEPS, TOY_STEP_SIZE, Controller, Rollouts, train_toy_value
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
 from train_value import history_path
@@ -131,9 +131,7 @@ def main(argv=None):
             parser.error("--value is needed for a model other than the toy world's")
         args.value = "out/toyworld/value.pt"
         if not os.path.exists(args.value):
-            import train_value
-            train_value.main(["--model", "toy", "--prompts", "toy-train", "--reward", "toy", "--out", args.value,
-                              "--rollouts", "out/toyworld/rollouts"] + TOY_TRAIN_ARGS)
+            train_toy_value(args.value, "out/toyworld/rollouts")
     value, checkpoint = load_value(args.value, model, args.model)
     trained = checkpoint["train_args"]
     rollouts = Rollouts(args.rollouts or trained.get("rollouts") or os.path.splitext(trained["out"])[0] + "_rollouts")

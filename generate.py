@@ -16,7 +16,7 @@ import torch
 import metrics
 import toyworld
 from baselines import CountingReward
-from model import eos_token_ids, generate
+from model import generate
 from recontrol import Controller
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
@@ -41,7 +41,6 @@ def sample_with(method, model, enc, prompts, reward_fn, args, seed, record_state
     """
     counting = CountingReward(reward_fn)
     jobs = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    eos = model.config.eos_token_ids or eos_token_ids(enc)
     rows, seconds, n_tokens = [], 0.0, 0
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b:b + args.batch_size]
@@ -49,7 +48,7 @@ def sample_with(method, model, enc, prompts, reward_fn, args, seed, record_state
         ids = [enc.encode(method.instruction + p, allowed_special="all") for p in expanded]
         t0 = time.perf_counter()
         out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_ids=eos, stop_strings=args.stop, tokenizer=enc,
+                       top_p=args.top_p, stop_strings=args.stop, tokenizer=enc,
                        seed=seed * 1_000_003 + b, edit=method.edit,
                        rescore=method.guide(expanded, counting) if method.guide else None,
                        record_kl=True, record_states=record_states)

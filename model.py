@@ -923,7 +923,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """Sample responses for a batch of prompts (lists of token ids) with a preallocated KV cache.
 
     edit, when given, maps the newest state o_t (B, C) to o_t + u_t before the head (E3); the cache never
-    sees it. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step from the
+    sees it. eos_ids default to the checkpoint's, else the tokenizer's. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step from the
     response tokens so far (B, t) and the cache (reward-guided decoding). record_states keeps o_0 ... o_T of
     every response (E1); record_kl the mean per-token KL from the base model's next-token distribution.
     """
@@ -932,7 +932,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to read the text")
     device = model.wte.weight.device
-    eos_ids = model.config.eos_token_ids if eos_ids is None else eos_ids
+    if eos_ids is None:  # the checkpoint's own, else the end-of-sequence specials the tokenizer knows
+        eos_ids = model.config.eos_token_ids or (eos_token_ids(tokenizer) if tokenizer is not None else [])
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)

@@ -7,7 +7,7 @@ RE-Control (Kong et al., NeurIPS 2024): align a language model at test time by e
 - Rollouts (E1, E6): the base model samples responses and records o_0 ... o_T of each; the reward scores
   them; shards on disk keep them (fp16) for value training, and a long collection resumes where it stopped.
 
-    python recontrol.py      # the whole method on the embedded toy world, no downloads (about 5-8 minutes)
+    python recontrol.py      # the whole method on the embedded toy world, no downloads (2.5 min the first time)
 """
 
 import argparse
@@ -168,10 +168,22 @@ def pad_batch(items):
 # -----------------------------------------------------------------------------
 # the whole method on the embedded toy world
 
+# Settings for the toy world, chosen with the sweep in README.md. Monte-Carlo targets: on this little data the
+# TD(0) value stays nearly flat (its only signal, at the last state, is diluted among ~15 bootstrapped ones).
+TOY_STEP_SIZE, TOY_N_STEPS = 1.0, 20
+TOY_TRAIN_ARGS = ["--samples-per-prompt", "48", "--max-new-tokens", "32", "--epochs", "100", "--lr", "1e-3",
+                  "--method", "mc"]
+
+
+def train_toy_value(value_path, rollouts):
+    """Rollouts of the toy world's base model on its training prompts, then V, with the settings above."""
+    import train_value
+    return train_value.main(["--model", "toy", "--prompts", "toy-train", "--reward", "toy", "--out", value_path,
+                             "--rollouts", rollouts] + TOY_TRAIN_ARGS)
+
 
 def main(argv=None):
     import generate as generate_script
-    import train_value
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="out/toyworld",
                         help="where rollouts, V and the generations go (the base model is cached in out/toyworld)")
@@ -184,8 +196,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     value_path = os.path.join(args.out_dir, "value.pt")
-    train_value.main(["--model", "toy", "--prompts", "toy-train", "--reward", "toy", "--out", value_path,
-                      "--rollouts", os.path.join(args.out_dir, "rollouts")] + TOY_TRAIN_ARGS)
+    train_toy_value(value_path, os.path.join(args.out_dir, "rollouts"))
     common = ["--model", "toy", "--prompts", "toy-test", "--reward", "toy", "--value", value_path,
               "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", "32"]
     print("\nRE-Control on held-out test prompts, the base model beside it (mean over seeds, ± spread):")
@@ -198,12 +209,6 @@ def main(argv=None):
         generate_script.main(common + ["--n-steps", str(args.n_steps), "--sweep", *map(str, args.sweep),
                                        "--seeds", str(args.seeds[0])])
 
-
-# Settings for the toy world, chosen with the sweep in README.md. Monte-Carlo targets: on this little data the
-# TD(0) value stays nearly flat (its only signal, at the last state, is diluted among ~15 bootstrapped ones).
-TOY_STEP_SIZE, TOY_N_STEPS = 1.0, 20
-TOY_TRAIN_ARGS = ["--samples-per-prompt", "48", "--max-new-tokens", "32", "--epochs", "100", "--lr", "1e-3",
-                  "--method", "mc"]
 
 if __name__ == "__main__":
     from tasks import run_cli

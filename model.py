@@ -432,7 +432,7 @@ class Weights:
                 if "state_dict" in data and isinstance(data["state_dict"], dict):
                     data = data["state_dict"]
                 self.files[name] = {k: (lambda t=t: t) for k, t in data.items() if torch.is_tensor(t)}
-        except (OSError, FileNotFoundError):
+        except OSError:  # missing or unreadable file: its own message is clear
             raise
         except Exception as e:
             raise ValueError(f"{path} could not be read: it is truncated or corrupt ({type(e).__name__}: "

@@ -47,7 +47,7 @@ def test_every_baseline_at_strength_zero_is_exactly_the_base_model(model):
         assert generate(model, PROMPTS, 10, seed=3, eos_ids=[], **hook).tokens == base.tokens
 
 
-def test_best_of_one_is_the_base_model_and_best_of_n_keeps_the_best(model):
+def test_best_of_one_and_no_instruction_are_the_base_model_and_best_of_n_keeps_the_best(model):
     args = argparse.Namespace(samples_per_prompt=2, batch_size=4, max_new_tokens=8, temperature=1.0, top_k=None,
                               top_p=None, stop=[])
     enc = Letters()
@@ -55,6 +55,9 @@ def test_best_of_one_is_the_base_model_and_best_of_n_keeps_the_best(model):
     base, _ = compare.sample_with(compare.Method("base"), model, enc, prompts, count_a, args, seed=1)
     one, cost = compare.sample_with(compare.Method("bo1", best_of=1), model, enc, prompts, count_a, args, seed=1)
     assert [r["tokens"] for r in one] == [r["tokens"] for r in base] and cost["reward_calls"] == 0
+    unprompted, _ = compare.sample_with(compare.Method("prompting", instruction=""), model, enc, prompts, count_a,
+                                        args, seed=1)
+    assert [r["tokens"] for r in unprompted] == [r["tokens"] for r in base]
     four, cost = compare.sample_with(compare.Method("bo4", best_of=4), model, enc, prompts, count_a, args, seed=1)
     assert cost["reward_calls"] == 4 * len(four)
     # the kept sample of each job is the best of the 4 that were drawn for it (same seed, same batch layout)

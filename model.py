@@ -396,7 +396,7 @@ def resolve_checkpoint(name_or_dir):
     except ImportError:
         raise FileNotFoundError(f"{name_or_dir!r} is not a local folder, and huggingface_hub is not installed "
                                 f"to fetch it from the hub. {hint}") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json"]
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model", "merges.txt", "vocab.json"]
     try:  # a copy already in the cache needs no network
         return snapshot_download(name_or_dir, allow_patterns=patterns, local_files_only=True)
     except Exception:

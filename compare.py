@@ -167,7 +167,8 @@ def main(argv=None):
 
     note = (f"{len(prompts)} held-out prompts x {args.samples_per_prompt} samples x {len(args.seeds)} seeds; "
             f"{metrics.COHERENCE_NOTE}; KL/token is measured against the base model reading the same context, so it "
-            "is 0 by construction for prompting and best-of-N; reward calls count only the method's own calls.")
+            "is 0 by construction for prompting and best-of-N; measuring it costs the state-editing methods one extra "
+            "LM-head product per token, inside their time; reward calls count only the method's own calls.")
     write_outputs(summaries, args.out_dir, note)
     with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
         json.dump(sweep, f, indent=1)

@@ -43,13 +43,14 @@ def write_outputs(summaries, out_dir, note):
 
 def value_along_tokens(value, rows, length):
     """Mean V(o_t) at each step t over the responses that reach it."""
-    means = []
     with torch.no_grad():
-        for t in range(length):
-            vs = [value(r["states"][t]).item() for r in rows if r["states"].shape[0] > t]
-            if not vs:
-                break
-            means.append(sum(vs) / len(vs))
+        values = [value(r["states"]) for r in rows]  # (T+1,) per response
+    means = []
+    for t in range(length):
+        reached = [v[t].item() for v in values if v.shape[0] > t]
+        if not reached:
+            break
+        means.append(sum(reached) / len(reached))
     return means
 
 

@@ -389,8 +389,8 @@ def resolve_checkpoint(name_or_dir):
     if os.path.exists(name_or_dir) or name_or_dir.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name_or_dir} is not a folder; pass the folder that holds config.json "
                                 "or params.json and the weights")
-    hint = (f"Pass a local folder instead: one with config.json and model.safetensors (Hugging Face layout) "
-            f"or params.json and consolidated.00.pth (Meta layout).")
+    hint = ("Pass a local folder instead: one with config.json and model.safetensors (Hugging Face layout) "
+            "or params.json and consolidated.00.pth (Meta layout).")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -923,9 +923,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """Sample responses for a batch of prompts (lists of token ids) with a preallocated KV cache.
 
     edit, when given, maps the newest state o_t (B, C) to o_t + u_t before the head (E3); the cache never
-    sees it. eos_ids default to the checkpoint's, else the tokenizer's. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step from the
+    sees it. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step from the
     response tokens so far (B, t) and the cache (reward-guided decoding). record_states keeps o_0 ... o_T of
     every response (E1); record_kl the mean per-token KL from the base model's next-token distribution.
+    eos_ids default to the checkpoint's, else the tokenizer's end-of-sequence specials.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -956,7 +957,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         logits = model.head(edit(o)) if edit is not None else base_logits  # E3: W (o_t + u_t)
         if rescore is not None:
             logits = rescore(logits, out[:, :t], cache)
-        if record_kl:
+        if record_kl and logits is not base_logits:  # sampling from the base model itself: KL stays 0
             kl[:, t] = kl_divergence(logits, base_logits, temperature)
         y = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         out[:, t] = y

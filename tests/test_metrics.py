@@ -59,10 +59,14 @@ def test_generate_records_kl_from_the_base_model():
     model = GPT(GPTConfig(vocab_size=32, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     plain = generate(model, [[1, 2], [3]], 6, seed=0, eos_ids=[], record_kl=True)
     assert plain.kl == [0.0, 0.0]
-    shifted = generate(model, [[1, 2], [3]], 6, seed=0, eos_ids=[], record_kl=True, edit=lambda o: o + 1.0)
-    o = model.states(torch.tensor([[1, 2]]))[:, -1]
-    first = kl_divergence(model.head(o + 1.0), model.head(o), 1.0).item()
-    assert all(k > 0 for k in shifted.kl) and first > 0
+    shift = lambda o: o + 1.0
+    one_step = generate(model, [[1, 2]], 1, seed=0, eos_ids=[], record_kl=True, edit=shift)
+    with torch.no_grad():
+        o = model.states(torch.tensor([[1, 2]]))[:, -1]
+        expected = kl_divergence(model.head(shift(o)), model.head(o), 1.0).item()
+    assert expected > 0 and one_step.kl[0] == pytest.approx(expected, rel=1e-5)
+    shifted = generate(model, [[1, 2], [3]], 6, seed=0, eos_ids=[], record_kl=True, edit=shift)
+    assert all(k > 0 for k in shifted.kl)
 
 
 def test_small_metrics():

@@ -19,10 +19,11 @@ import torch
 import metrics
 import toyworld
 from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
-from generate import Method, sample_with
-from recontrol import TOY_N_STEPS, TOY_STEP_SIZE, Controller, Rollouts, train_toy_value
+from generate import Method, control_settings, sample_with
+from recontrol import Controller, Rollouts
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
+import train_value
 from train_value import history_path
 from value import load_value
 
@@ -92,23 +93,29 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
     if history:
         fig, ax = plt.subplots(figsize=(7, 4))
         epochs = [h["epoch"] for h in history]
-        ax.plot(epochs, [h["train_loss"] for h in history], label="training loss")
-        ax.plot(epochs, [h["held_out_loss"] for h in history], label="held-out loss")
-        save(fig, ax, "value_training.png", "Value training", "epoch", "Bellman loss (E6)")
+        ax.plot(epochs, [h["train_loss"] for h in history], label="training loss (the method's own)")
+        ax.plot(epochs, [h["held_out_loss"] for h in history], label="held-out loss (the method's own)")
+        ax.plot(epochs, [h["error"] for h in history], label="held-out error of V(o_t) against the return")
+        ax.axhline(history[0]["best_constant"], color="gray", ls=":", label="error of the best constant")
+        kept = min(history, key=lambda h: h["error"])
+        ax.axvline(kept["epoch"], color="black", ls="--", lw=0.8, label=f"kept: epoch {kept['epoch']}")
+        save(fig, ax, "value_training.png", "Value training (E6)", "epoch", "mean squared error")
     return paths
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_arguments(parser, prompts="toy-test")
-    add_sampling_arguments(parser, max_new_tokens=32)
+    add_sampling_arguments(parser)
     parser.set_defaults(samples_per_prompt=4)
     parser.add_argument("--value", default=None, help="value checkpoint (toy default: out/toyworld/value.pt, trained if missing)")
     parser.add_argument("--rollouts", default=None, help="rollouts V was trained on, for the steering vector (default: from the checkpoint)")
     parser.add_argument("--out-dir", default="out/compare", help="where table.md, table.csv and the plots go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
-    parser.add_argument("--step-size", type=float, default=TOY_STEP_SIZE, help="RE-Control: alpha of E7")
-    parser.add_argument("--n-steps", type=int, default=TOY_N_STEPS, help="RE-Control: gradient steps n of E7")
+    parser.add_argument("--step-size", type=float, default=None,
+                        help="RE-Control: alpha of E7 (default: as calibrated with V by train_value.py)")
+    parser.add_argument("--n-steps", type=int, default=None, help="RE-Control: steps n of E7 (default: as calibrated)")
+    parser.add_argument("--target", default="auto", help="RE-Control: stop at this V: a number, 'none' or 'auto'")
     parser.add_argument("--instruction", default=None, help="prompting: text prepended to each prompt")
     parser.add_argument("--steering-scale", type=float, default=8.0,
                         help="static editing: scale of the vector (8: chosen on the toy world, see README)")
@@ -126,14 +133,15 @@ def main(argv=None):
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    check_prompts_fit(model, enc, prompts, args.max_new_tokens)
+    args.max_new_tokens = check_prompts_fit(model, enc, prompts, args.max_new_tokens)
     if args.value is None:
         if args.model != "toy":
             parser.error("--value is needed for a model other than the toy world's")
         args.value = "out/toyworld/value.pt"
         if not os.path.exists(args.value):
-            train_toy_value(args.value, "out/toyworld/rollouts")
+            train_value.main(["--out", args.value])  # the toy world's defaults
     value, checkpoint = load_value(args.value, model, args.model)
+    step_size, n_steps, target = control_settings(args, checkpoint.get("control") or {})
     trained = checkpoint["train_args"]
     rollouts = Rollouts(args.rollouts or trained.get("rollouts") or os.path.splitext(trained["out"])[0] + "_rollouts")
     n_train_prompts = rollouts.settings["n_prompts"]
@@ -147,7 +155,7 @@ def main(argv=None):
                Method("ARGS (prefix R)", guide=lambda p, r: PrefixRewardGuide(r, enc, p, args.guide_k, args.guide_weight)),
                Method("CD (V next state)", guide=lambda p, r: NextStateValueGuide(model, value, args.guide_k,
                                                                                    args.value_guide_weight)),
-               Method("RE-Control", edit=Controller(value, args.step_size, args.n_steps))]
+               Method("RE-Control", edit=Controller(value, step_size, n_steps, target=target))]
     summaries, along = [], {}
     for method in methods:
         record = method.name in ("base", "RE-Control")
@@ -161,7 +169,7 @@ def main(argv=None):
     sweep = []
     for n in args.sweep_steps:
         for alpha in args.sweep_alphas:
-            runs = [sample_with(Method("sweep", edit=Controller(value, alpha, n)), model, enc, prompts, reward_fn, args,
+            runs = [sample_with(Method("sweep", edit=Controller(value, alpha, n, target=target)), model, enc, prompts, reward_fn, args,
                                 args.seeds[0])]
             sweep.append(dict(metrics.summarize_runs("sweep", runs, model, enc, grammar), alpha=alpha, n=n))
     print(f"sweep of {len(sweep)} settings done ({time.time() - t_start:.0f}s)")

@@ -66,7 +66,24 @@ def sample_with(method, model, enc, prompts, reward_fn, args, seed, record_state
     return rows, {"seconds": seconds, "tokens": n_tokens, "reward_calls": counting.calls}
 
 
-TABLE = ["method", "reward", "reward_sd_seeds", "reward_sd_responses", "grammatical", "diversity", "kl", "tokens_per_s"]
+def control_settings(args, stored):
+    """(alpha, n, target, radius) of E7: the command line's where given, else those calibrated with V
+    (train_value.py), else the paper's alpha = 0.5, n = 30 without a target or a radius."""
+    step_size = args.step_size if args.step_size is not None else stored.get("step_size", 0.5)
+    n_steps = args.n_steps if args.n_steps is not None else stored.get("n_steps", 30)
+    radius = args.radius if args.radius is not None else stored.get("radius")
+    if args.target == "auto":
+        return step_size, n_steps, stored.get("target"), radius
+    if args.target == "none":
+        return step_size, n_steps, None, radius
+    try:
+        return step_size, n_steps, float(args.target), radius
+    except ValueError:
+        raise ValueError(f"--target must be a number, 'none' or 'auto', got {args.target!r}") from None
+
+
+TABLE = ["method", "reward", "reward_sd_seeds", "reward_sd_responses", "grammatical", "perplexity", "diversity", "kl",
+         "tokens_per_s"]
 
 
 def main(argv=None):
@@ -74,12 +91,17 @@ def main(argv=None):
     add_task_arguments(parser, prompts="toy-test")
     add_sampling_arguments(parser)
     parser.add_argument("--value", default=None, help="value checkpoint from train_value.py (none: base model only)")
-    parser.add_argument("--step-size", type=float, default=0.5, help="alpha of E7 (paper: 0.5 or 1.0)")
-    parser.add_argument("--n-steps", type=int, default=30, help="gradient steps n of E7 per token (paper: 30)")
+    parser.add_argument("--step-size", type=float, default=None,
+                        help="alpha of E7 (default: the one train_value.py calibrated and stored with V, else 0.5)")
+    parser.add_argument("--n-steps", type=int, default=None,
+                        help="gradient steps n of E7 per token (default: as calibrated with V, else 30)")
+    parser.add_argument("--target", default="auto",
+                        help="stop the ascent once V reaches this value: a number, 'none', or 'auto' (stored with V)")
     parser.add_argument("--l2", type=float, default=0.0, help="lambda of E4/E7, the penalty on ||u||^2")
-    parser.add_argument("--max-norm", type=float, default=None, help="project u onto ||u|| <= this (none: no limit)")
+    parser.add_argument("--radius", type=float, default=None,
+                        help="keep ||u|| <= radius * ||o_t|| (default: as calibrated with V, else no limit)")
     parser.add_argument("--sweep", type=float, nargs="*", default=None,
-                        help="instead of one setting, run each alpha*n given here (n from --n-steps)")
+                        help="instead of one setting, run each radius given here (alpha and n as set)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds; the table averages them")
     parser.add_argument("--out", default=None, help="write every response as a JSON line here")
     args = parser.parse_args(argv)
@@ -89,22 +111,27 @@ def main(argv=None):
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    check_prompts_fit(model, enc, prompts, args.max_new_tokens)
-    value = load_value(args.value, model, args.model)[0].to(args.device) if args.value else None
-    if args.sweep is not None:
-        n = max(args.n_steps, 1)
-        methods = [Method(f"alpha*n = {total:g}", Controller(value, total / n, n, args.l2, args.max_norm))
-                   for total in args.sweep]
-    else:
-        methods = [Method("base")]
-        if value is not None:
-            methods.append(Method("RE-Control", Controller(value, args.step_size, args.n_steps, args.l2, args.max_norm)))
+    args.max_new_tokens = check_prompts_fit(model, enc, prompts, args.max_new_tokens)
+    methods = [Method("base")] if args.sweep is None else []
+    value = None
+    if args.value:
+        value, checkpoint = load_value(args.value, model, args.model)
+        value = value.to(model.wte.weight.device)
+        step_size, n_steps, target, radius = control_settings(args, checkpoint.get("control") or {})
+        print(f"RE-Control: alpha {step_size:g}, n {n_steps}, target V "
+              f"{'none' if target is None else f'{target:+.3f}'}, radius {radius}")
+        if args.sweep is not None:
+            methods = [Method(f"radius {r:g}", Controller(value, step_size or 0.8, n_steps, args.l2, r, target))
+                       for r in args.sweep]
+        else:
+            methods.append(Method("RE-Control", Controller(value, step_size, n_steps, args.l2, radius, target)))
     toy = args.reward == "toy"  # the toy world: its grammar is checked exactly
     summaries, written = [], []
     for method in methods:
         runs = [sample_with(method, model, enc, prompts, reward_fn, args, seed, record_states=value is not None)
                 for seed in args.seeds]
-        summaries.append(metrics.summarize_runs(method.name, runs, is_grammatical=toyworld.is_grammatical if toy else None))
+        summaries.append(metrics.summarize_runs(method.name, runs, model, enc,
+                                                is_grammatical=toyworld.is_grammatical if toy else None))
         for seed, (rows, _) in zip(args.seeds, runs):
             for row in rows:
                 record = {"method": method.name, "seed": seed, "prompt": row["prompt"], "response": row["response"],

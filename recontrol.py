@@ -26,40 +26,109 @@ from model import generate, write_atomically, write_text_atomically
 
 
 class Controller:
-    """E7: u <- u + alpha * grad_u [V(o + u) - l2 * ||u||^2], n steps from u = 0; returns o + u.
+    """E7: u <- u + alpha * grad_u [V(o + u) - l2 * ||u||^2], at most n steps from u = 0; returns o + u.
 
     Works on the newest state only, (B, C); batched (each row gets its own u, since V is applied row-wise and
     the rows' objectives are summed); in fp32 whatever the model's dtype; the value network stays frozen.
+
+    radius: keep the edit small relative to the state, ||u|| <= radius * ||o|| (a projection after each step).
+    target: steer to a value, not by a fixed distance (as PRE-CONTROL does). A row stops its ascent at the first
+    step where V(o + u) >= target, so a state that already looks good is left alone and a steep V cannot push
+    far past the states the model visits. None: always n steps, the paper's E7.
     """
 
-    def __init__(self, value, step_size=0.5, n_steps=30, l2=0.0, max_norm=None):
-        if step_size < 0 or n_steps < 0 or l2 < 0:
+    def __init__(self, value, step_size=0.5, n_steps=30, l2=0.0, radius=None, target=None):
+        if not (step_size >= 0 and n_steps >= 0 and l2 >= 0):  # also refuses NaN
             raise ValueError(f"the control needs step size >= 0, steps >= 0 and l2 >= 0; got step size "
                              f"{step_size}, {n_steps} steps, l2 {l2}")
         if int(n_steps) != n_steps:
             raise ValueError(f"the number of control steps must be a whole number, got {n_steps}")
-        if max_norm is not None and max_norm <= 0:
-            raise ValueError(f"max_norm must be > 0 (or None for no limit), got {max_norm}")
-        self.value, self.step_size, self.n_steps, self.l2, self.max_norm = value, step_size, int(n_steps), l2, max_norm
+        if radius is not None and not radius > 0:
+            raise ValueError(f"the radius must be > 0 (or None for no limit), got {radius}")
+        if target is not None and not math.isfinite(target):
+            raise ValueError(f"the target value must be a finite number (or None), got {target}")
+        self.value, self.step_size, self.n_steps, self.l2 = value, step_size, int(n_steps), l2
+        self.radius, self.target = radius, target
+        self.steps_taken = 0  # ascent steps summed over rows and calls: what the early stop saves
 
     def control(self, o):
         """u (B, C) for states o (B, C)."""
         o = o.detach().float()
         u = torch.zeros_like(o)
+        active = torch.ones(o.shape[0], dtype=torch.bool, device=o.device)  # rows still climbing
         with torch.enable_grad():  # generation runs under no_grad; the inner loop needs gradients for u only
             for _ in range(self.n_steps):
                 u.requires_grad_(True)
-                objective = self.value(o + u).sum() - self.l2 * (u ** 2).sum()  # E4's trade-off, per row
+                v = self.value(o + u)  # (B,)
+                if self.target is not None:
+                    active &= v.detach() < self.target  # reached the target: this row stops for good
+                    if not active.any():
+                        break
+                objective = v.sum() - self.l2 * (u ** 2).sum()  # E4's trade-off, per row
                 (grad,) = torch.autograd.grad(objective, u)
-                u = (u + self.step_size * grad).detach()
-                if self.max_norm is not None:  # optional projection onto the ball ||u|| <= max_norm
-                    u = u * (self.max_norm / u.norm(dim=-1, keepdim=True).clamp(min=self.max_norm))
+                u = (u + self.step_size * grad * active[:, None]).detach()
+                self.steps_taken += int(active.sum())
+                if self.radius is not None:  # projection onto the ball ||u|| <= radius * ||o||
+                    limit = self.radius * o.norm(dim=-1, keepdim=True)
+                    u = u * (limit / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
         return u
 
     def __call__(self, o):
         if self.n_steps == 0 or self.step_size == 0:
             return o  # exactly the base model
         return (o.float() + self.control(o)).to(o.dtype)  # E3: the head reads o_t + u_t
+
+
+# -----------------------------------------------------------------------------
+# choosing the strength of the control on validation prompts
+
+RADII = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)  # radius * ||o|| tried by calibrate_control
+
+
+def calibrate_control(model, enc, prompts, value, reward_fn, step_size=0.8, n_steps=20, target=None, kl_budget=0.1,
+                      is_grammatical=None, min_grammar_ratio=0.95, samples_per_prompt=16, batch_size=64,
+                      max_new_tokens=32, temperature=1.0, top_k=None, top_p=None, stop_strings=(), seed=0,
+                      radii=RADII, log=print):
+    """Choose how far E7 may move the state, on validation prompts: the largest radius (||u|| <= radius * ||o||),
+    tried smallest first, whose mean per-token KL from the base model stays within `kl_budget` (and, with a
+    grammar check, whose grammatical fraction stays >= min_grammar_ratio x the base model's).
+    Returns (radius or None when even the smallest breaks the budget, the curve it came from).
+
+    The radius, not alpha, is the knob: alpha * grad V moves the state by an amount that depends on how steep this
+    particular V is (and so on the machine and the seed that trained it), while the radius is a distance in the
+    state's own units. The prompts must be validation prompts (never the test prompts): this is a choice of a
+    hyper-parameter. The sweep stops at the first radius over budget, so a noisy pass further on is never taken.
+    """
+    jobs = [enc.encode(p, allowed_special="all") for p in prompts for _ in range(samples_per_prompt)]
+    texts_of = [p for p in prompts for _ in range(samples_per_prompt)]
+
+    def sample(edit):
+        texts, kls = [], []
+        for b in range(0, len(jobs), batch_size):
+            out = generate(model, jobs[b:b + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, stop_strings=stop_strings, tokenizer=enc, seed=seed * 1_000_003 + b,
+                           edit=edit, record_kl=True)
+            texts += out.texts
+            kls += out.kl
+        point = {"kl": sum(kls) / len(kls), "reward": reward_fn(texts_of, texts).float().mean().item()}
+        if is_grammatical is not None:
+            point["grammatical"] = sum(map(is_grammatical, texts)) / len(texts)
+        return point
+
+    base = sample(None)
+    curve, chosen = [{"radius": 0, **base, "ok": True}], None
+    for radius in radii:
+        point = sample(Controller(value, step_size, n_steps, radius=radius, target=target))
+        point["ok"] = point["kl"] <= kl_budget and (is_grammatical is None or
+                                                    point["grammatical"] >= min_grammar_ratio * base["grammatical"])
+        curve.append({"radius": radius, **point})
+        grammar = f", grammatical {point['grammatical']:.1%}" if is_grammatical else ""
+        log(f"calibration: radius {radius:<4g} | reward {point['reward']:+.3f} (base {base['reward']:+.3f}) | "
+            f"KL/token {point['kl']:.3f}{grammar} | {'within budget' if point['ok'] else 'over budget: stop'}")
+        if not point["ok"]:
+            break
+        chosen = radius
+    return chosen, curve
 
 
 # -----------------------------------------------------------------------------
@@ -142,6 +211,12 @@ class Rollouts:
             for j in order:
                 yield pieces[j], shard["rewards"][j]
 
+    def reward_quantile(self, prompt_ids, q):
+        """The q-quantile of the rewards of the responses to the given prompts."""
+        rewards = torch.cat([shard["rewards"][[int(i) in prompt_ids for i in shard["prompt_index"]]]
+                             for shard in (torch.load(p, weights_only=True) for p in self.paths)])
+        return torch.quantile(rewards, q).item()
+
     def batches(self, prompt_ids, batch_size, seed=0):
         rng = random.Random(seed)
         pool = []
@@ -168,46 +243,37 @@ def pad_batch(items):
 # -----------------------------------------------------------------------------
 # the whole method on the embedded toy world
 
-# Settings for the toy world, chosen with the sweep in README.md. Monte-Carlo targets: on this little data the
-# TD(0) value stays nearly flat (its only signal, at the last state, is diluted among ~15 bootstrapped ones).
-TOY_STEP_SIZE, TOY_N_STEPS = 1.0, 20
-TOY_TRAIN_ARGS = ["--samples-per-prompt", "48", "--max-new-tokens", "32", "--epochs", "100", "--lr", "1e-3",
-                  "--method", "mc"]
-
-
-def train_toy_value(value_path, rollouts):
-    """Rollouts of the toy world's base model on its training prompts, then V, with the settings above."""
-    import train_value
-    return train_value.main(["--model", "toy", "--prompts", "toy-train", "--reward", "toy", "--out", value_path,
-                             "--rollouts", rollouts] + TOY_TRAIN_ARGS)
-
 
 def main(argv=None):
     import generate as generate_script
+    import toyworld
+    import train_value
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="out/toyworld",
-                        help="where rollouts, V and the generations go (the base model is cached in out/toyworld)")
+    parser.add_argument("--model", default="toy",
+                        help="toy, toy-long (responses of ~100 tokens), or either with @SEED: another pretraining seed")
+    parser.add_argument("--out-dir", default=None,
+                        help="where rollouts, V and the generations go (default: out/<model>, next to its base model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the test runs")
-    parser.add_argument("--step-size", type=float, default=TOY_STEP_SIZE, help="alpha of E7 for the main table")
-    parser.add_argument("--n-steps", type=int, default=TOY_N_STEPS, help="n of E7 for the main table")
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.0, 5.0, 10.0, 20.0, 40.0, 80.0],
                         help="settings of alpha*n (n fixed) for the reward-vs-fluency table; none to skip")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="test responses per test prompt and seed")
     args = parser.parse_args(argv)
+    name, _, seed = args.model.partition("@")
+    if name not in toyworld.VARIANTS:
+        parser.error(f"--model must name a toy world ({', '.join(toyworld.VARIANTS)}, optionally @SEED), got {args.model!r}")
+    out_dir = args.out_dir or os.path.join(toyworld.VARIANTS[name][0], f"seed{seed}" if seed else "")
 
-    value_path = os.path.join(args.out_dir, "value.pt")
-    train_toy_value(value_path, os.path.join(args.out_dir, "rollouts"))
-    common = ["--model", "toy", "--prompts", "toy-test", "--reward", "toy", "--value", value_path,
-              "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", "32"]
+    value_path = os.path.join(out_dir, "value.pt")
+    train_value.main(["--model", args.model, "--out", value_path, "--rollouts", os.path.join(out_dir, "rollouts")])
+    common = ["--model", args.model, "--prompts", "toy-test", "--reward", "toy", "--value", value_path,
+              "--samples-per-prompt", str(args.samples_per_prompt)]
     print("\nRE-Control on held-out test prompts, the base model beside it (mean over seeds, ± spread):")
-    generate_script.main(common + ["--step-size", str(args.step_size), "--n-steps", str(args.n_steps),
-                                   "--seeds", *map(str, args.seeds),
-                                   "--out", os.path.join(args.out_dir, "test_generations.jsonl")])
+    summaries = generate_script.main(common + ["--seeds", *map(str, args.seeds),
+                                               "--out", os.path.join(out_dir, "test_generations.jsonl")])
     if args.sweep:
-        print(f"\nThe trade-off of E7: stronger control (alpha * n, n = {args.n_steps}) buys reward, then costs "
-              "grammar:")
-        generate_script.main(common + ["--n-steps", str(args.n_steps), "--sweep", *map(str, args.sweep),
-                                       "--seeds", str(args.seeds[0])])
+        print("\nThe trade-off of E7: stronger control (alpha * n, n as calibrated) buys reward, then costs grammar:")
+        generate_script.main(common + ["--sweep", *map(str, args.sweep), "--seeds", str(args.seeds[0])])
+    return summaries
 
 
 if __name__ == "__main__":

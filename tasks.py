@@ -25,39 +25,46 @@ import toyworld
 
 
 def load_model(spec, dtype=None, device=None, log=print):
-    """(model, tokenizer) for "toy" (the embedded default) or anything GPT.from_pretrained loads."""
-    if spec == "toy":
-        model, enc = toyworld.base_model(log=log)
+    """(model, tokenizer) for a toy world ("toy", "toy-long", "toy@seed"; toyworld.VARIANTS) or anything
+    GPT.from_pretrained loads."""
+    if toyworld.is_variant(spec):
+        model, enc = toyworld.load_variant(spec, log=log)
         return model.to(device) if device else model, enc
     model = GPT.from_pretrained(spec, dtype=dtype, device=device)
     return model, load_tokenizer(resolve_checkpoint(spec))
 
 
-def check_prompts_fit(model, enc, prompts, max_new_tokens):
-    """Fail before sampling anything when a prompt plus the response cannot fit in the model's context."""
+def check_prompts_fit(model, enc, prompts, max_new_tokens=None):
+    """The response length to sample: max_new_tokens, or by default as many as the model's context leaves after
+    the longest prompt, at most 128 (the paper's). Fails before sampling anything when they cannot fit."""
     lengths = [len(enc.encode(p, allowed_special="all")) for p in prompts]
     longest = max(range(len(prompts)), key=lengths.__getitem__)
-    if lengths[longest] + max_new_tokens > model.config.block_size:
+    room = model.config.block_size - lengths[longest]
+    if max_new_tokens is None:
+        max_new_tokens = min(128, room)
+    if max_new_tokens > room or max_new_tokens < 1:
         raise ValueError(f"prompt {longest + 1} has {lengths[longest]} tokens; with max_new_tokens {max_new_tokens} "
                          f"that exceeds the model's context of {model.config.block_size}; shorten the prompts or "
                          "lower --max-new-tokens")
+    return max_new_tokens
 
 
 def add_task_arguments(parser, prompts="toy-test"):
     """The flags every script shares: what model, which prompts, which reward."""
-    parser.add_argument("--model", default="toy", help="'toy' (the embedded default) or a model folder / hub name")
+    parser.add_argument("--model", default="toy", help="toy (the embedded default), toy-long, toy@SEED, or a model folder / hub name")
     parser.add_argument("--prompts", default=prompts, help=f"{prompts}, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
     parser.add_argument("--reward", default="toy", help="toy, sentiment, rm:<folder>, or module:function")
     parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 
 
-def add_sampling_arguments(parser, max_new_tokens=128):
+def add_sampling_arguments(parser, max_new_tokens=None):
     """The flags of model.generate's sampling, shared by every script that samples."""
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="keep the nucleus of probability p")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest response")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help="longest response (default: what the context leaves after the longest prompt, <= 128)")
     parser.add_argument("--stop", nargs="*", default=[], help="stop strings that end a response (e.g. 'Human:')")
     parser.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
@@ -68,7 +75,7 @@ def run_cli(main):
     try:
         main()
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        sys.exit(f"error: {e.args[0] if e.args else e}")
+        sys.exit(f"error: {e if isinstance(e, OSError) or not e.args else e.args[0]}")
 
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -51,6 +51,8 @@ class WorldConfig:
     coherence: float = 0.85  # how often a sentence follows its review's overall polarity
     negation_rate: float = 0.2  # how often a sentence says "not" (and flips its adjective or verb)
     test_fraction: float = 0.25
+    sentences: tuple = (1, 2, 3)  # how many sentences a review has, drawn with these weights
+    sentence_weights: tuple = (0.3, 0.4, 0.3)
 
 
 class World:
@@ -78,12 +80,12 @@ class World:
         return 1 / (1 + math.exp(-(self.quality[product] + self.mood[name])))
 
     def sample_response(self, name, product, rng):
-        """A response from the grammar: 1-3 sentences. The review is positive with the prompt's positive rate,
+        """A response from the grammar: a few sentences (config.sentences). The review is positive with the prompt's positive rate,
         and each sentence follows the review's polarity with probability `coherence` (reviews are coherent, so
         the model must carry "how the review is going" in its state)."""
         review_good = rng.random() < self.positive_rate(name, product)
         sentences = []
-        for _ in range(rng.choices([1, 2, 3], weights=[0.3, 0.4, 0.3])[0]):
+        for _ in range(rng.choices(self.config.sentences, weights=self.config.sentence_weights)[0]):
             good = review_good == (rng.random() < self.config.coherence)
             negate = rng.random() < self.config.negation_rate
             form = rng.choices(["adjective", "verb", "recommend"], weights=[0.6, 0.25, 0.15])[0]
@@ -150,11 +152,11 @@ def _is_sentence(w):
 
 
 def is_grammatical(response):
-    """Exactly: is `response` one to three sentences of the grammar, each a space-separated word sequence?"""
+    """Exactly: is `response` a sequence of sentences of the grammar, each a space-separated word sequence ending
+    in " ."? (How many sentences a review has is a habit of the world, not a rule of its grammar.)"""
     if not response.startswith(" ") or "  " in response or not response.endswith(" ."):
         return False
-    sentences = response[1:-2].split(" . ")
-    return 1 <= len(sentences) <= 3 and all(_is_sentence(s.split(" ")) for s in sentences)
+    return all(_is_sentence(s.split(" ")) for s in response[1:-2].split(" . "))
 
 
 # -----------------------------------------------------------------------------
@@ -211,8 +213,8 @@ def pretrain(world, config, log=print):
 
 def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_config=PretrainConfig(), log=print):
     """The toy world's base model and tokenizer: loaded from out_dir when it was trained with these settings."""
-    folder = os.path.join(out_dir, "base")
-    settings = {"world": asdict(world_config), "pretrain": asdict(pretrain_config)}
+    folder = os.path.join(out_dir, "base" if pretrain_config.seed == 0 else f"base-seed{pretrain_config.seed}")
+    settings = json.loads(json.dumps({"world": asdict(world_config), "pretrain": asdict(pretrain_config)}))
     settings_path = os.path.join(folder, "settings.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
@@ -226,15 +228,39 @@ def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_conf
     return model, enc
 
 
+# The worlds a script can name with --model: the default one (reviews of 1-3 sentences, about 15 tokens) and a
+# long one (16-20 sentences, about 100 tokens), where the reward must be carried back over a long horizon.
+# "toy@2" / "toy-long@2" is the same world with the base model pretrained from seed 2 (another base model).
+VARIANTS = {
+    "toy": ("out/toyworld", WorldConfig(), PretrainConfig()),
+    "toy-long": ("out/toyworld-long", WorldConfig(sentences=(16, 17, 18, 19, 20), sentence_weights=(1, 1, 1, 1, 1)),
+                 PretrainConfig(block_size=160, batch_size=24)),
+}
+
+
+def is_variant(spec):
+    return spec.split("@")[0] in VARIANTS
+
+
+def load_variant(spec, log=print):
+    """(model, tokenizer) of a toy world named like "toy", "toy-long" or "toy@3" (pretraining seed 3)."""
+    name, _, seed = spec.partition("@")
+    if not seed.isdigit() and seed:
+        raise ValueError(f"model {spec!r}: the pretraining seed after '@' must be a whole number, e.g. {name}@1")
+    out_dir, world_config, pretrain_config = VARIANTS[name]
+    return base_model(out_dir, world_config, replace(pretrain_config, seed=int(seed or 0)), log)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="out/toyworld", help="where the base model is cached")
+    parser.add_argument("--model", default="toy", help="toy, toy-long, or either with @seed (the pretraining seed)")
     parser.add_argument("--samples", type=int, default=8, help="responses to print")
     args = parser.parse_args(argv)
     world = World()
-    model, enc = base_model(args.out_dir)
+    model, enc = load_variant(args.model)
     prompts = world.test_prompts()[:args.samples]
-    out = generate(model, [enc.encode(p) for p in prompts], max_new_tokens=32, tokenizer=enc, seed=0)
+    out = generate(model, [enc.encode(p) for p in prompts], max_new_tokens=model.config.block_size - 8, tokenizer=enc,
+                   seed=0)
     for p, r in zip(prompts, out.texts):
         print(f"{p}{r!r:70} reward {lexicon_sentiment(r, POSITIVE, NEGATIVE):+.2f} grammatical {is_grammatical(r)}")
 

@@ -1,23 +1,26 @@
 """
-Train the value function of RE-Control: rollouts from the base model -> rewards -> Bellman training (E6).
+Train the value function of RE-Control: rollouts from the base model -> rewards -> Bellman training (E6),
+then the strength of the control (E7) chosen on held-out validation prompts and stored with V.
 
-    python train_value.py --model toy --prompts toy-train --reward toy --out out/toyworld/value.pt
+    python train_value.py      # the embedded toy world: its base model, its training prompts, its reward
     python train_value.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --out gpt2_value.pt
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import time
 
 import torch
 
-from recontrol import Rollouts, collect_rollouts
+import toyworld
+from recontrol import Rollouts, calibrate_control, collect_rollouts
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
 from model import write_text_atomically
-from value import ValueConfig, ValueFunction, bellman_loss, save_value
+from value import ValueConfig, ValueFunction, bellman_loss, load_value, save_value, value_report
 
 
 def history_path(value_path):
@@ -26,25 +29,24 @@ def history_path(value_path):
 
 
 @torch.no_grad()
-def evaluate(value, batches, method, gamma):
-    """Held-out Bellman loss, and the calibration of V(o_0) against the realised reward (correlation)."""
-    losses, weights, v0, rewards = [], [], [], []
-    for states, mask, r in batches:
-        losses.append(bellman_loss(value, states, mask, r, method, gamma).item())
-        weights.append(mask.sum().item())
-        v0.append(value(states[:, 0]))
-        rewards.append(r)
-    if not losses:
-        return float("nan"), float("nan")
-    v0, rewards = torch.cat(v0), torch.cat(rewards)
-    corr = torch.corrcoef(torch.stack([v0, rewards]))[0, 1].item() if len(v0) > 1 else float("nan")
-    return sum(l * w for l, w in zip(losses, weights)) / sum(weights), corr
+def held_out_loss(value, batches, method, lam, gamma):
+    """The training method's own loss on held-out responses (weighted by states; printed, never used to choose)."""
+    total, weight = 0.0, 0
+    for states, mask, rewards in batches:
+        total += bellman_loss(value, states, mask, rewards, method, lam, gamma).item() * mask.sum().item()
+        weight += mask.sum().item()
+    return total / weight if weight else float("nan")
 
 
-def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", gamma=1.0,
+def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", lam=1.0, gamma=1.0,
           epochs=30, lr=1e-3, batch_size=64, seed=0, log=print):
-    """Adam on the Bellman loss; after every epoch the held-out loss; the best checkpoint is kept (atomically),
-    and the losses of every epoch are written next to it."""
+    """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
+    realised return at every state (value.ValueReport), and the epoch with the smallest error is kept
+    (atomically): the same yardstick for every method, since a method's own loss can fall while V stays flat.
+    The measures of every epoch are written next to the checkpoint. Returns the history."""
+    if not held_out_ids:
+        log("no held-out prompts: the last epoch is kept, and no step size can be calibrated")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.manual_seed(seed)
     value = ValueFunction(value_config)
     optimizer = torch.optim.Adam(value.parameters(), lr=lr)
@@ -53,54 +55,82 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
         value.train()
         total, n = 0.0, 0
         for states, mask, rewards in rollouts.batches(train_ids, batch_size, seed=seed * 1000 + epoch):
-            loss = bellman_loss(value, states, mask, rewards, method, gamma)  # E6
+            loss = bellman_loss(value, states, mask, rewards, method, lam, gamma)  # E6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, n = total + loss.item() * len(rewards), n + len(rewards)
         value.eval()
-        held_loss, corr = evaluate(value, rollouts.batches(held_out_ids, 256), method, gamma)
-        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "held_out_loss": held_loss,
-                        "calibration": corr})
+        report = value_report(value, rollouts.batches(held_out_ids, 256), gamma)
+        record = {"epoch": epoch, "train_loss": total / max(n, 1),
+                  "held_out_loss": held_out_loss(value, rollouts.batches(held_out_ids, 256), method, lam, gamma),
+                  **report}
+        history.append(record)
         write_text_atomically(history_path(out), json.dumps(history))
-        improved = held_loss < best or not held_out_ids
+        score = report["error"] if held_out_ids else -epoch  # without held-out data: the latest epoch
+        improved = math.isfinite(record["train_loss"]) and score < best
         if improved:
-            best = held_loss
-            save_value(out, value, metrics=history[-1], **checkpoint_info)
+            best = score
+            save_value(out, value, metrics=record, **checkpoint_info)
         elapsed = time.time() - t0
-        log(f"epoch {epoch:3d}/{epochs} | train loss {total / max(n, 1):.4f} | held-out loss {held_loss:.4f} | "
-            f"corr(V(o_0), R) {corr:+.3f} | {n / elapsed * epoch:.0f} traj/s | "
-            f"ETA {elapsed / epoch * (epochs - epoch):.0f}s{' | saved' if improved else ''}")
+        log(f"epoch {epoch:3d}/{epochs} | {method} loss {record['train_loss']:.4f} (held-out "
+            f"{record['held_out_loss']:.4f}) | held-out error of V vs return {report['error']:.4f} "
+            f"(constant {report['best_constant']:.4f}), corr {report['corr']:+.3f}, spread {report['spread']:.3f} | "
+            f"ETA {elapsed / epoch * (epochs - epoch):.0f}s{' | kept' if improved else ''}")
+    if best == float("inf"):
+        raise ValueError(f"no epoch produced a usable value function (losses were not finite); {out} was not "
+                         "written. Check the rewards for NaN, and --lr / --gamma")
     return history
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_arguments(parser, prompts="toy-train")
-    add_sampling_arguments(parser)
-    parser.set_defaults(samples_per_prompt=4)
+    add_sampling_arguments(parser, max_new_tokens=None)
+    parser.set_defaults(samples_per_prompt=48)
     parser.add_argument("--out", default="out/toyworld/value.pt", help="the value checkpoint to write")
     parser.add_argument("--rollouts", default=None, help="folder for the rollout shards (default: next to --out)")
-    parser.add_argument("--method", choices=["td", "mc"], default="td", help="TD(0) Bellman targets or Monte Carlo")
+    parser.add_argument("--method", choices=["td", "official"], default="td",
+                        help="td: E6's TD(lambda) with stop-gradient; official: the official code's loss as written")
+    parser.add_argument("--lam", type=float, default=1.0,
+                        help="lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the default: it steers, "
+                             "see README)")
     parser.add_argument("--gamma", type=float, default=1.0, help="discount of E6 (the paper: 1)")
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the training rollouts")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4 or 1e-3)")
+    parser.add_argument("--epochs", type=int, default=100, help="passes over the training rollouts")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-4 or 1e-3)")
     parser.add_argument("--train-batch-size", type=int, default=64, help="trajectories per training step")
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
-    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts held out for validation")
+    parser.add_argument("--held-out", type=float, default=0.1,
+                        help="fraction of prompts held out: they choose the epoch and the step size")
+    parser.add_argument("--step-size", type=float, default=0.8, help="alpha of E7 stored with V (calibration uses it)")
+    parser.add_argument("--n-steps", type=int, default=20, help="n of E7 stored with V (calibration uses it)")
+    parser.add_argument("--kl-budget", type=float, default=0.1,
+                        help="calibration: the largest mean per-token KL from the base model the control may cost")
+    parser.add_argument("--target-quantile", type=float, default=None,
+                        help="also stop the ascent once V reaches this quantile of the training rewards (e.g. 0.9; "
+                             "default: no target)")
+    parser.add_argument("--calibration-samples", type=int, default=16, help="responses per held-out prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the split and training")
     args = parser.parse_args(argv)
     if not 0 <= args.held_out < 1:
         parser.error(f"--held-out must be in [0, 1), got {args.held_out}")
+    if not 0 <= args.lam <= 1:
+        parser.error(f"--lam must be in [0, 1], got {args.lam}")
+    if not 0 < args.gamma <= 1:
+        parser.error(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not (args.kl_budget > 0 and args.n_steps > 0 and args.step_size > 0):
+        parser.error("--kl-budget, --step-size and --n-steps must be > 0")
+    if args.target_quantile is not None and not 0 <= args.target_quantile <= 1:
+        parser.error(f"--target-quantile must be in [0, 1], got {args.target_quantile}")
 
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    check_prompts_fit(model, enc, prompts, args.max_new_tokens)
+    args.max_new_tokens = check_prompts_fit(model, enc, prompts, args.max_new_tokens)
     folder = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
-    print(f"collecting {args.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
+    print(f"rollouts: {args.samples_per_prompt} responses for each of {len(prompts)} prompts in {folder}")
     collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=args.samples_per_prompt,
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_strings=args.stop,
@@ -112,10 +142,39 @@ def main(argv=None):
     value_config = ValueConfig(n_embd=model.config.n_embd, n_hidden=args.hidden_layers, width=args.width,
                                activation=args.activation)
     info = dict(base_model_id=args.model, model=model, reward_name=args.reward, train_args=vars(args))
-    print(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({args.method}, gamma {args.gamma})")
-    history = train(Rollouts(folder), train_ids, held_out_ids, value_config, args.out, info, method=args.method,
-                    gamma=args.gamma, epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size, seed=args.seed)
-    print(f"best checkpoint: {args.out}")
+    name = "the official loss" if args.method == "official" else f"TD(lambda = {args.lam:g})"
+    print(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({name}, gamma {args.gamma})")
+    rollouts = Rollouts(folder)
+    history = train(rollouts, train_ids, held_out_ids, value_config, args.out, info, method=args.method,
+                    lam=args.lam, gamma=args.gamma, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.train_batch_size, seed=args.seed)
+    best = min(history, key=lambda h: h["error"]) if held_out_ids else history[-1]
+    print(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
+          f"for the best constant, correlation with the return {best['corr']:+.3f}")
+    if held_out_ids:
+        target = None
+        if args.target_quantile is not None:
+            target = rollouts.reward_quantile(train_ids, args.target_quantile)
+        value, _ = load_value(args.out, model, args.model)
+        print(f"choosing how far the control may move the state, on the {len(held_out_ids)} held-out prompts "
+              f"(alpha {args.step_size:g}, n {args.n_steps}, target V {'none' if target is None else f'{target:+.3f}'}"
+              f", KL budget {args.kl_budget}/token)")
+        radius, curve = calibrate_control(
+            model, enc, [prompts[i] for i in held_out_ids], value.to(model.wte.weight.device), reward_fn,
+            step_size=args.step_size, n_steps=args.n_steps, target=target, kl_budget=args.kl_budget,
+            is_grammatical=toyworld.is_grammatical if args.reward == "toy" else None,
+            samples_per_prompt=args.calibration_samples, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop_strings=args.stop, seed=args.seed + 1)
+        control = {"step_size": args.step_size if radius else 0.0, "n_steps": args.n_steps, "radius": radius,
+                   "target": target, "kl_budget": args.kl_budget, "curve": curve}
+        checkpoint = torch.load(args.out, weights_only=True)
+        save_value(args.out, value, metrics=checkpoint["metrics"], control=control, **info)
+        if radius is None:
+            print(f"even the smallest radius costs more than the KL budget: the control is off by default in {args.out}")
+        else:
+            print(f"radius {radius:g} stored in {args.out}; generate.py uses it unless given --radius")
+    print(f"value checkpoint: {args.out}")
     return history
 
 

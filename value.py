@@ -49,30 +49,108 @@ def last_index(mask):
     return mask.long().sum(1) - 1
 
 
-def bellman_targets(values, mask, rewards, method="td", gamma=1.0):
-    """The regression targets of E6 for states (B, T+1) of responses padded on the right.
+def lambda_returns(values, mask, rewards, lam=1.0, gamma=1.0):
+    """E6, the TD(lambda) family: the regression target G_t of every state of responses padded on the right.
 
-    td: y_t = gamma * sg[V(o_{t+1})] for t < T, and y_T = R at each response's last real state.
-    mc: y_t = gamma^(T - t) * R, the realised (discounted) final reward.
+    values (B, L) are V(o_t) of the states o_0 ... o_T (L >= T+1), mask (B, L) marks the real ones, rewards (B,).
+    With the reward only at the end, G_T = R and, walking back,
+        G_t = gamma * ((1 - lam) * sg[V(o_{t+1})] + lam * G_{t+1}).
+    lam = 0 is the paper's TD(0), G_t = gamma * sg[V(o_{t+1})]: one step of bootstrapping, so the reward reaches
+    o_t only through the values of the states after it. lam = 1 is Monte Carlo, G_t = gamma^(T-t) * R: the
+    realised reward itself. sg[.] (detach) holds the targets fixed, so only V(o_t) is pulled towards them.
     """
     B, L = values.shape
     last = last_index(mask)  # (B,)
-    steps = torch.arange(L, device=values.device)[None, :]  # (1, L)
-    if method == "mc":
-        return rewards[:, None] * gamma ** (last[:, None] - steps).clamp(min=0).float()
-    if method != "td":
-        raise ValueError(f"method must be 'td' or 'mc', got {method!r}")
-    bootstrap = gamma * values[:, 1:].detach()  # sg[V(o_{t+1})]: the target carries no gradient
-    targets = torch.cat([bootstrap, torch.zeros(B, 1, device=values.device)], dim=1)  # (B, L)
-    return torch.where(steps == last[:, None], rewards[:, None].float(), targets)
+    bootstrap = values.detach()  # sg[V]
+    rewards = rewards.float()
+    targets = torch.zeros_like(bootstrap)  # (B, L)
+    G = rewards
+    for t in reversed(range(L)):
+        if t + 1 < L:
+            G = gamma * ((1 - lam) * bootstrap[:, t + 1] + lam * G)
+        G = torch.where(t == last, rewards, G)  # G_T = R; states past the end are masked out by the loss
+        targets[:, t] = G
+    return targets
 
 
-def bellman_loss(value, states, mask, rewards, method="td", gamma=1.0):
-    """E6: mean over real states of (V(o_t) - y_t)^2. states (B, T+1, d), mask (B, T+1), rewards (B,)."""
+def bellman_loss(value, states, mask, rewards, method="td", lam=1.0, gamma=1.0):
+    """E6: the loss V_phi is trained with. states (B, T+1, d), mask (B, T+1), rewards (B,).
+
+    td: mean over real states of (V(o_t) - G_t)^2 with the lambda-returns above (lam = 0: TD(0), 1: Monte Carlo).
+    official: the loss of the official RE-Control training script, as written (see official_loss).
+    """
     values = value(states)  # (B, T+1)
-    targets = bellman_targets(values, mask, rewards, method, gamma)
+    if method == "official":
+        return official_loss(values, mask, rewards)
+    if method != "td":
+        raise ValueError(f"method must be 'td' or 'official', got {method!r}")
+    targets = lambda_returns(values, mask, rewards, lam, gamma)
     mask = mask.float()
     return (((values - targets) ** 2) * mask).sum() / mask.sum()
+
+
+def official_loss(values, mask, rewards):
+    """The official code's value loss, transcribed: per batch of B responses,
+
+        ( sum over consecutive real pairs (V(o_t) - V(o_{t+1}))^2  +  sum_b (V(o_first) - R_b)^2 ) / B
+
+    Two differences from E6: no stop-gradient, so the pair term pulls V(o_t) and V(o_{t+1}) towards each other (a
+    "residual gradient" that flattens V along each response), and the reward is anchored at the *first* real
+    state, because mask.argmax() returns the first maximum; the last state's value is tied to R only through the
+    chain of pairs.
+    """
+    B = values.shape[0]
+    pairs = mask[:, :-1] & mask[:, 1:]  # (B, T)
+    consecutive = ((values[:, :-1] - values[:, 1:])[pairs] ** 2).sum()
+    first = mask.float().argmax(dim=1)  # (B,) the official code's "last" index
+    anchor = ((values[torch.arange(B), first] - rewards.float()) ** 2).sum()
+    return (consecutive + anchor) / B
+
+
+class ValueReport:
+    """How well V predicts the realised return, over the real states of held-out responses.
+
+    Comparable across training methods (unlike each method's own loss: a flat V has a small TD loss):
+    - error: mean over states of (V(o_t) - gamma^(T-t) R)^2; best constant: the same for the best flat V;
+    - corr: correlation of V(o_t) with the realised return over all states;
+    - spread: standard deviation of V over the states (0 for a constant);
+    - error_by_position: the error at positions t in buckets (0, 1-3, 4-15, 16-63, 64+, and the last state).
+    """
+
+    BUCKETS = [(0, 0), (1, 3), (4, 15), (16, 63), (64, 10**9)]
+
+    def __init__(self, gamma=1.0):
+        self.gamma, self.v, self.g, self.pos, self.is_last = gamma, [], [], [], []
+
+    @torch.no_grad()
+    def add(self, value, states, mask, rewards):
+        values = value(states)  # (B, L)
+        returns = lambda_returns(values, mask, rewards, lam=1.0, gamma=self.gamma)
+        positions = torch.arange(mask.shape[1])[None, :].expand_as(mask)
+        is_last = positions == last_index(mask)[:, None]
+        for store, x in ((self.v, values), (self.g, returns), (self.pos, positions), (self.is_last, is_last)):
+            store.append(x[mask])
+
+    def summary(self):
+        if not self.v:
+            return {"error": float("nan"), "best_constant": float("nan"), "corr": float("nan"), "spread": float("nan"),
+                    "error_by_position": {}}
+        v, g, pos, is_last = (torch.cat(x) for x in (self.v, self.g, self.pos, self.is_last))
+        squared = (v - g) ** 2
+        corr = torch.corrcoef(torch.stack([v, g]))[0, 1].item() if len(v) > 1 and v.std() > 0 else 0.0
+        by_position = {f"{a}" if a == b else f"{a}-{b}" if b < 10**9 else f"{a}+": squared[(pos >= a) & (pos <= b)].mean().item()
+                       for a, b in self.BUCKETS if ((pos >= a) & (pos <= b)).any()}
+        by_position["last"] = squared[is_last].mean().item()
+        return {"error": squared.mean().item(), "best_constant": g.var(unbiased=False).item(), "corr": corr,
+                "spread": v.std(unbiased=False).item(), "error_by_position": by_position}
+
+
+def value_report(value, batches, gamma=1.0):
+    """ValueReport.summary() over an iterable of (states, mask, rewards) batches."""
+    report = ValueReport(gamma)
+    for states, mask, rewards in batches:
+        report.add(value, states, mask, rewards)
+    return report.summary()
 
 
 # -----------------------------------------------------------------------------
@@ -85,11 +163,13 @@ def model_fingerprint(model):
     return torch.cat([w[:4, :8].flatten(), model.norm_f.weight[:8]]).float().tolist()
 
 
-def save_value(path, value, base_model_id, model, reward_name, train_args=None, metrics=None):
-    """Save V_phi with its architecture, d, the base model it reads and the reward it predicts (atomically)."""
+def save_value(path, value, base_model_id, model, reward_name, train_args=None, metrics=None, control=None):
+    """Save V_phi with its architecture, d, the base model it reads and the reward it predicts (atomically);
+    `control`: the settings of E7 calibrated for it (step_size, n_steps, target, and the curve they came from)."""
     checkpoint = {"config": asdict(value.config), "state_dict": value.state_dict(),
                   "base_model": base_model_id, "base_fingerprint": model_fingerprint(model),
-                  "reward": reward_name, "train_args": train_args or {}, "metrics": metrics or {}}
+                  "reward": reward_name, "train_args": train_args or {}, "metrics": metrics or {},
+                  "control": control or {}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 

@@ -88,5 +88,5 @@ def tiny_world(tmp_path_factory):
     value = str(out / "value.pt")
     train_value.main(["--model", folder, "--prompts", "toy-train", "--reward", "toy", "--out", value,
                       "--rollouts", str(out / "rollouts"), "--samples-per-prompt", "32", "--max-new-tokens", "32",
-                      "--epochs", "60", "--lr", "1e-3", "--method", "mc"])
+                      "--epochs", "60"])  # otherwise train_value.py's defaults: Monte Carlo, step size calibrated
     return folder, value

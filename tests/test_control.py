@@ -112,3 +112,37 @@ def test_batched_control_equals_one_by_one(model, value):
 def test_bad_control_settings_are_clear_errors(value, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Controller(value, **kwargs)
+
+
+class Linear(torch.nn.Module):
+    """V(o) = w . o: each ascent step of size alpha raises V by exactly alpha * ||w||^2."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, o):
+        return o.float() @ self.w
+
+
+def test_target_stops_the_ascent_at_the_first_step_where_v_reaches_it():
+    w = torch.tensor([3.0, 4.0])  # ||w||^2 = 25
+    o = torch.tensor([[0.0, 0.0], [1.0, 1.0]])  # V = 0 and V = 7
+    controller = Controller(Linear(w), step_size=0.01, n_steps=10, target=0.6)  # each step adds 0.25 to V
+    u = controller.control(o)
+    # row 0: V goes 0 -> 0.25 -> 0.5 -> 0.75 and stops after the third step; row 1 starts above the target
+    assert torch.allclose(o[0] @ w + u[0] @ w, torch.tensor(0.75))
+    assert torch.equal(u[1], torch.zeros(2)) and controller.steps_taken == 3
+
+
+def test_without_a_target_the_ascent_takes_all_n_steps(value):
+    o = torch.randn(4, 32)
+    fixed = Controller(value, 0.3, 7).control(o)
+    unreachable = Controller(value, 0.3, 7, target=1e9)
+    assert torch.equal(unreachable.control(o), fixed) and unreachable.steps_taken == 4 * 7
+
+
+def test_controller_refuses_nonsense_settings(value):
+    for kwargs in ({"step_size": float("nan")}, {"n_steps": 2.5}, {"target": float("nan")}, {"max_norm": 0.0}):
+        with pytest.raises(ValueError):
+            Controller(value, **{"step_size": 0.1, "n_steps": 3, **kwargs})

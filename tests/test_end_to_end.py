@@ -14,13 +14,15 @@ from recontrol import Rollouts, collect_rollouts
 from tasks import hh_prompt, load_prompts, load_reward, run_cli
 
 
-def test_controlled_mean_reward_exceeds_the_base_models(tiny_world, tmp_path):
+def test_the_default_value_steers(tiny_world, tmp_path):
+    # no control flags: the step size and target that train_value.py calibrated on its held-out prompts
     folder, value = tiny_world
     out = tmp_path / "gen.jsonl"
     base, ctrl = generate_script.main(["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--value", value,
-                                       "--step-size", "0.1", "--n-steps", "20", "--samples-per-prompt", "4",
-                                       "--max-new-tokens", "32", "--seeds", "0", "1", "--out", str(out)])
-    assert ctrl["reward"] > base["reward"] + 0.05, (base, ctrl)
+                                       "--samples-per-prompt", "4", "--max-new-tokens", "32", "--seeds", "0", "1",
+                                       "--out", str(out)])
+    assert ctrl["reward"] > base["reward"] + 0.1, (base, ctrl)
+    assert ctrl["grammatical"] >= 0.9 * base["grammatical"], (base, ctrl)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 * 2 * 30 * 4 and {"reward", "value_start", "value_end", "response"} <= set(rows[0])
 
@@ -29,8 +31,10 @@ def test_value_checkpoint_records_what_it_was_trained_for(tiny_world):
     folder, value = tiny_world
     checkpoint = torch.load(value, weights_only=True)
     assert checkpoint["base_model"] == folder and checkpoint["reward"] == "toy"
-    assert checkpoint["config"]["n_embd"] == 64 and checkpoint["train_args"]["method"] == "mc"
-    assert -1 <= checkpoint["metrics"]["calibration"] <= 1
+    assert checkpoint["config"]["n_embd"] == 64 and checkpoint["train_args"]["lam"] == 1.0
+    assert -1 <= checkpoint["metrics"]["corr"] <= 1 and checkpoint["metrics"]["error"] < checkpoint["metrics"]["best_constant"]
+    control = checkpoint["control"]  # calibrated on held-out training prompts, the curve kept
+    assert control["step_size"] > 0 and control["n_steps"] == 20 and control["curve"][0]["alpha_n"] == 0
 
 
 def generate_args(folder, value=None, *extra):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from value import (ValueConfig, ValueFunction, bellman_loss, bellman_targets, load_value, save_value)
+from value import (ValueConfig, ValueFunction, bellman_loss, lambda_returns, load_value, save_value,
+                   value_report)
 
 # Gambler's ruin on positions 0..4, start at 2, +-1 with probability 1/2, stop at 0 (R = -1) or 4 (R = +1).
 # The true value of position k is (k - 2) / 2. States are one-hot; responses have many different lengths.
@@ -29,15 +30,15 @@ def gamblers_ruin_batch(n, rng):
     return states, mask, rewards
 
 
-@pytest.mark.parametrize("method", ["td", "mc"])
-def test_bellman_training_recovers_the_true_values(method):
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_bellman_training_recovers_the_true_values(lam):
     torch.manual_seed(0)
     rng = random.Random(0)
     value = ValueFunction(ValueConfig(n_embd=5, n_hidden=1, width=16))
     optimizer = torch.optim.Adam(value.parameters(), lr=1e-2)
     for step in range(400):
         states, mask, rewards = gamblers_ruin_batch(64, rng)
-        loss = bellman_loss(value, states, mask, rewards, method=method)
+        loss = bellman_loss(value, states, mask, rewards, lam=lam)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -51,19 +52,44 @@ def test_terminal_target_sits_at_each_responses_last_real_state():
     values = torch.zeros(2, 5)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     rewards = torch.tensor([7.0, -3.0])
-    for method in ("td", "mc"):
-        targets = bellman_targets(values, mask, rewards, method=method)
+    for lam in (0.0, 0.5, 1.0):
+        targets = lambda_returns(values, mask, rewards, lam=lam)
         assert targets[0, 2] == 7.0 and targets[1, 4] == -3.0
-    td = bellman_targets(values + torch.arange(5.0), mask, rewards, method="td")
-    assert td[0, :2].tolist() == [1.0, 2.0] and td[1, :4].tolist() == [1.0, 2.0, 3.0, 4.0]  # V(o_{t+1})
 
 
-def test_discounted_targets():
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    mc = bellman_targets(torch.zeros(1, 4), mask, torch.tensor([1.0]), method="mc", gamma=0.5)
-    assert mc[0].tolist() == [0.125, 0.25, 0.5, 1.0]
-    td = bellman_targets(torch.ones(1, 4), mask, torch.tensor([1.0]), method="td", gamma=0.5)
-    assert td[0].tolist() == [0.5, 0.5, 0.5, 1.0]
+def test_lambda_zero_is_td0_and_lambda_one_is_monte_carlo_exactly():
+    torch.manual_seed(0)
+    values = torch.randn(3, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    rewards = torch.tensor([0.7, -0.3, 0.1])
+    last = mask.sum(1) - 1
+    for gamma in (1.0, 0.5):
+        td0 = lambda_returns(values, mask, rewards, lam=0.0, gamma=gamma)
+        mc = lambda_returns(values, mask, rewards, lam=1.0, gamma=gamma)
+        for b in range(3):
+            T = int(last[b])
+            assert torch.equal(td0[b, :T], gamma * values[b, 1:T + 1])  # gamma * V(o_{t+1})
+            assert td0[b, T] == rewards[b]
+            expected = rewards[b] * gamma ** (T - torch.arange(T + 1.0))  # gamma^(T - t) R
+            assert torch.equal(mc[b, :T + 1], expected)
+
+
+def test_intermediate_lambda_matches_lambda_returns_by_hand():
+    # One 3-step trajectory o_0 o_1 o_2 o_3, reward R at o_3, lambda = 0.5, gamma = 0.9:
+    # G_3 = R, G_2 = g((1-l) V3 + l G_3), G_1 = g((1-l) V2 + l G_2), G_0 = g((1-l) V1 + l G_1).
+    V = [0.2, -0.4, 0.6, 0.1]
+    R, l, g = 1.0, 0.5, 0.9
+    G3 = R
+    G2 = g * ((1 - l) * V[3] + l * G3)
+    G1 = g * ((1 - l) * V[2] + l * G2)
+    G0 = g * ((1 - l) * V[1] + l * G1)
+    targets = lambda_returns(torch.tensor([V]), torch.ones(1, 4, dtype=torch.bool), torch.tensor([R]), lam=l, gamma=g)
+    assert torch.allclose(targets[0], torch.tensor([G0, G1, G2, G3]), atol=1e-6)
+    # and it is the textbook definition from o_0: the n-step returns g^n V(o_n), n = 1, 2, 3, weighted
+    # (1 - l) l^(n-1), and the full return g^3 R (the target of the last state) with the remaining weight l^3
+    n_step = [g * V[1], g ** 2 * V[2], g ** 3 * V[3]]
+    by_definition = sum((1 - l) * l ** n * G for n, G in enumerate(n_step)) + l ** 3 * g ** 3 * R
+    assert abs(targets[0, 0].item() - by_definition) < 1e-6
 
 
 def test_bootstrapped_target_carries_no_gradient():
@@ -72,12 +98,47 @@ def test_bootstrapped_target_carries_no_gradient():
     states = torch.tensor([[[0.3], [-0.2], [0.9], [0.4]]], requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
     identity = lambda s: s.squeeze(-1)
-    loss = bellman_loss(identity, states, mask, torch.tensor([1.0]), method="td")
-    loss.backward()
-    v = states.detach().squeeze(-1)[0]
-    targets = torch.tensor([v[1], v[2], 1.0, 0.0])
-    expected = 2 * (v - targets) * mask[0].float() / 3
-    assert torch.allclose(states.grad.squeeze(-1)[0], expected)
+    for lam in (0.0, 0.6):
+        states.grad = None
+        bellman_loss(identity, states, mask, torch.tensor([1.0]), lam=lam).backward()
+        v = states.detach().squeeze(-1)[0]
+        targets = lambda_returns(v[None], mask, torch.tensor([1.0]), lam=lam)[0]
+        expected = 2 * (v - targets) * mask[0].float() / 3
+        assert torch.allclose(states.grad.squeeze(-1)[0], expected)
+
+
+def test_official_loss_is_the_official_formula_as_written():
+    # A direct transcription on a fixed batch: pairs of consecutive real states without stop-gradient, the reward
+    # anchored at the first real state (mask.argmax), both summed and divided by the batch size.
+    torch.manual_seed(0)
+    states = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    rewards = torch.tensor([1.0, -0.5, 0.25])
+    value = ValueFunction(ValueConfig(n_embd=4, n_hidden=1, width=8))
+    v = value(states)
+    pair, anchor = 0.0, 0.0
+    for b in range(3):
+        n = int(mask[b].sum())
+        pair += sum((v[b, t] - v[b, t + 1]) ** 2 for t in range(n - 1))
+        anchor += (v[b, 0] - rewards[b]) ** 2
+    expected = (pair + anchor) / 3
+    loss = bellman_loss(value, states, mask, rewards, method="official")
+    assert torch.allclose(loss, expected)
+    # no stop-gradient: the gradient of the pair term reaches V(o_{t+1}) as well
+    identity = lambda s: s.squeeze(-1)
+    x = torch.tensor([[[0.0], [1.0]]], requires_grad=True)
+    bellman_loss(identity, x, torch.ones(1, 2, dtype=torch.bool), torch.tensor([0.0]), method="official").backward()
+    assert x.grad.squeeze().tolist() == [-2.0, 2.0]  # d/dV0 [(V0-V1)^2 + V0^2] = -2 at (0, 1); d/dV1 = +2
+
+
+def test_value_report_scores_a_flat_value_as_the_best_constant():
+    states, mask, rewards = gamblers_ruin_batch(200, random.Random(1))
+    report = value_report(lambda s: torch.zeros(s.shape[:-1]), [(states, mask, rewards)])
+    assert report["spread"] == 0 and report["corr"] == 0
+    assert abs(report["error"] - report["best_constant"]) < 0.01  # mean R is near 0 by symmetry
+    truth = value_report(lambda s: s @ TRUE_VALUES, [(states, mask, rewards)])
+    assert truth["error"] < 0.8 * report["error"] and truth["corr"] > 0.4
+    assert truth["error_by_position"]["last"] == 0  # the true value of a final position is its reward
 
 
 def tiny_gpt(seed=0, n_embd=32):

@@ -1,0 +1,75 @@
+"""
+Which Bellman value steers? The E6 family side by side on one set of rollouts: TD(0) (the paper), TD(lambda) for a
+few lambda, the official code's loss as written, and Monte Carlo (lambda = 1). For each: how V fits the held-out
+returns (its spread over states, its error against the realised return by position, against the best constant),
+then RE-Control with the step size each V calibrates for itself (train_value.py's defaults), on the test prompts.
+
+    python benchmarks/bellman_methods.py --model toy         # responses of ~15 tokens, about 10 min on 2 cores
+    python benchmarks/bellman_methods.py --model toy-long --epochs 30 --samples-per-prompt 24   # ~100 tokens, ~25 min
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import generate  # noqa: E402
+import train_value  # noqa: E402
+
+METHODS = {"TD(0)": ["--lam", "0"], "TD(0.5)": ["--lam", "0.5"], "TD(0.9)": ["--lam", "0.9"],
+           "official": ["--method", "official"], "MC (lambda = 1)": ["--lam", "1"]}
+
+
+def run_method(name, flags, args, out_dir):
+    value_path = os.path.join(out_dir, name.split()[0].replace("(", "").replace(")", "").lower(), "value.pt")
+    history = train_value.main(["--model", args.model, "--out", value_path, "--rollouts",
+                                os.path.join(out_dir, "rollouts"), "--epochs", str(args.epochs),
+                                "--samples-per-prompt", str(args.samples_per_prompt), *flags])
+    kept = min(history, key=lambda h: h["error"])
+    base, ctrl = generate.main(["--model", args.model, "--value", value_path, "--samples-per-prompt", "4",
+                                "--seeds", *map(str, args.seeds)])
+    control = torch.load(value_path, weights_only=True)["control"]
+    return {"method": name, "epoch": kept["epoch"], "spread": kept["spread"], "corr": kept["corr"],
+            "error": kept["error"], "best_constant": kept["best_constant"], "by_position": kept["error_by_position"],
+            "radius": control["radius"], "base": base, "ctrl": ctrl}
+
+
+def table(rows):
+    positions = list(rows[0]["by_position"])
+    lines = ["| method | kept epoch | spread of V | corr(V, return) | error (best constant) | error by position "
+             f"{' / '.join(positions)} | radius | reward base → RE-Control | gain / seed sd | KL/token | "
+             "perplexity (base) | grammatical (base) |", "|" + "---|" * 12]
+    for r in rows:
+        b, c = r["base"], r["ctrl"]
+        spread = max(b["reward_sd_seeds"], c["reward_sd_seeds"], 1e-9)
+        grammar = f"{c['grammatical']:.1%} ({b['grammatical']:.1%})" if b["grammatical"] == b["grammatical"] else "-"
+        lines.append(f"| {r['method']} | {r['epoch']} | {r['spread']:.3f} | {r['corr']:+.3f} | {r['error']:.3f} "
+                     f"({r['best_constant']:.3f}) | {' / '.join(f'{r['by_position'][p]:.3f}' for p in positions)} | "
+                     f"{r['radius']} | {b['reward']:+.3f} → {c['reward']:+.3f} | "
+                     f"{(c['reward'] - b['reward']) / spread:+.1f} | {c['kl']:.3f} | {c['perplexity']:.2f} "
+                     f"({b['perplexity']:.2f}) | {grammar} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toy", help="toy, toy-long, or either @SEED")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of: {', '.join(METHODS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the test runs")
+    parser.add_argument("--out-dir", default=None, help="default: out/bellman/<model>")
+    parser.add_argument("--epochs", type=int, default=100, help="value training epochs (train_value.py's default)")
+    parser.add_argument("--samples-per-prompt", type=int, default=48, help="rollouts per training prompt (default too)")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir or os.path.join("out", "bellman", args.model)
+    rows = [run_method(name, METHODS[name], args, out_dir) for name in args.methods]
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\n{args.model}: every method on the same rollouts; RE-Control at each V's own calibrated step size, "
+          f"test prompts, seeds {args.seeds}\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()

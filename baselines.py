@@ -1,5 +1,5 @@
 """
-The paper's baselines (PAPER.md E8), each a plug-in for the one sampling loop of model.generate, so that every
+The paper's baselines (docs/method.md, E8), each a plug-in for the one sampling loop of model.generate, so that every
 method runs with the same prompts, the same reward and the same code path:
 
 - prompting: an instruction prepended to the prompt (no plug-in: the prompt changes);

@@ -74,14 +74,17 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for n in sorted({s["n"] for s in sweep}):
-        points = sorted((s for s in sweep if s["n"] == n), key=lambda s: s["alpha"])
-        ax.plot([s[fluency_key] for s in points], [s["reward"] for s in points], "o-",
-                label=f"RE-Control, n = {n} (alpha grows)")
+    for bound in dict.fromkeys(s["bound"] for s in sweep):
+        points = sorted((s for s in sweep if s["bound"] == bound), key=lambda s: s["alpha"])
+        line, = ax.plot([s[fluency_key] for s in points], [s["reward"] for s in points], "o-",
+                        label=f"RE-Control, {bound} (alpha grows)")
+        for s in points:
+            ax.annotate(f"a={s['alpha']:g}", (s[fluency_key], s["reward"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color=line.get_color())
     for s in summaries:
         ax.scatter(s[fluency_key], s["reward"], marker="s", s=60, zorder=3)
         ax.annotate(s["method"], (s[fluency_key], s["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: alpha x n sweep, baselines as squares",
+    save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: the alpha sweep of E7, baselines as squares",
          "grammatical fraction" if fluency_key == "grammatical" else "perplexity under the base model", "mean reward")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -116,6 +119,8 @@ def main(argv=None):
                         help="RE-Control: alpha of E7 (default: as calibrated with V by train_value.py)")
     parser.add_argument("--n-steps", type=int, default=None, help="RE-Control: steps n of E7 (default: as calibrated)")
     parser.add_argument("--target", default="auto", help="RE-Control: stop at this V: a number, 'none' or 'auto'")
+    parser.add_argument("--radius", type=float, default=None,
+                        help="RE-Control: ||u|| <= radius * ||o_t|| (default: as calibrated with V; inf: no limit)")
     parser.add_argument("--instruction", default=None, help="prompting: text prepended to each prompt")
     parser.add_argument("--steering-scale", type=float, default=8.0,
                         help="static editing: scale of the vector (8: chosen on the toy world, see README)")
@@ -123,8 +128,8 @@ def main(argv=None):
     parser.add_argument("--guide-k", type=int, default=10, help="reward-guided decoding: candidates re-scored per step")
     parser.add_argument("--guide-weight", type=float, default=2.0, help="reward-guided decoding (prefix reward): w")
     parser.add_argument("--value-guide-weight", type=float, default=4.0, help="reward-guided decoding (V of the next state): w")
-    parser.add_argument("--sweep-alphas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0], help="alphas of the sweep plot")
-    parser.add_argument("--sweep-steps", type=int, nargs="*", default=[5, 10, 20], help="n of the sweep plot")
+    parser.add_argument("--sweep-alphas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+                        help="alphas of the sweep plot (n as for RE-Control), with and without the radius")
     args = parser.parse_args(argv)
     toy = args.reward == "toy"
     grammar = toyworld.is_grammatical if toy else None  # the toy world's exact fluency measure
@@ -141,7 +146,7 @@ def main(argv=None):
         if not os.path.exists(args.value):
             train_value.main(["--out", args.value])  # the toy world's defaults
     value, checkpoint = load_value(args.value, model, args.model)
-    step_size, n_steps, target = control_settings(args, checkpoint.get("control") or {})
+    step_size, n_steps, target, radius = control_settings(args, checkpoint.get("control") or {})
     trained = checkpoint["train_args"]
     rollouts = Rollouts(args.rollouts or trained.get("rollouts") or os.path.splitext(trained["out"])[0] + "_rollouts")
     n_train_prompts = rollouts.settings["n_prompts"]
@@ -155,7 +160,7 @@ def main(argv=None):
                Method("ARGS (prefix R)", guide=lambda p, r: PrefixRewardGuide(r, enc, p, args.guide_k, args.guide_weight)),
                Method("CD (V next state)", guide=lambda p, r: NextStateValueGuide(model, value, args.guide_k,
                                                                                    args.value_guide_weight)),
-               Method("RE-Control", edit=Controller(value, step_size, n_steps, target=target))]
+               Method("RE-Control", edit=Controller(value, step_size, n_steps, radius=radius, target=target))]
     summaries, along = [], {}
     for method in methods:
         record = method.name in ("base", "RE-Control")
@@ -167,11 +172,15 @@ def main(argv=None):
         print(f"{method.name:>18}: reward {summaries[-1]['reward']:+.3f} ({time.time() - t_start:.0f}s)", flush=True)
 
     sweep = []
-    for n in args.sweep_steps:
+    bounds = {"paper's E7, no radius": None}
+    if radius is not None:
+        bounds[f"radius {radius:g}"] = radius
+    for bound, r in bounds.items():
         for alpha in args.sweep_alphas:
-            runs = [sample_with(Method("sweep", edit=Controller(value, alpha, n, target=target)), model, enc, prompts, reward_fn, args,
+            controller = Controller(value, alpha, n_steps, radius=r, target=target)
+            runs = [sample_with(Method("sweep", edit=controller), model, enc, prompts, reward_fn, args,
                                 args.seeds[0])]
-            sweep.append(dict(metrics.summarize_runs("sweep", runs, model, enc, grammar), alpha=alpha, n=n))
+            sweep.append(dict(metrics.summarize_runs("sweep", runs, model, enc, grammar), alpha=alpha, bound=bound))
     print(f"sweep of {len(sweep)} settings done ({time.time() - t_start:.0f}s)")
 
     note = (f"{len(prompts)} held-out prompts x {args.samples_per_prompt} samples x {len(args.seeds)} seeds; "

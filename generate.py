@@ -99,9 +99,9 @@ def main(argv=None):
                         help="stop the ascent once V reaches this value: a number, 'none', or 'auto' (stored with V)")
     parser.add_argument("--l2", type=float, default=0.0, help="lambda of E4/E7, the penalty on ||u||^2")
     parser.add_argument("--radius", type=float, default=None,
-                        help="keep ||u|| <= radius * ||o_t|| (default: as calibrated with V, else no limit)")
+                        help="keep ||u|| <= radius * ||o_t|| (default: as calibrated with V; inf: no limit)")
     parser.add_argument("--sweep", type=float, nargs="*", default=None,
-                        help="instead of one setting, run each radius given here (alpha and n as set)")
+                        help="instead of one setting, run each alpha*n given here (n, radius and target as set)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds; the table averages them")
     parser.add_argument("--out", default=None, help="write every response as a JSON line here")
     args = parser.parse_args(argv)
@@ -121,8 +121,9 @@ def main(argv=None):
         print(f"RE-Control: alpha {step_size:g}, n {n_steps}, target V "
               f"{'none' if target is None else f'{target:+.3f}'}, radius {radius}")
         if args.sweep is not None:
-            methods = [Method(f"radius {r:g}", Controller(value, step_size or 0.8, n_steps, args.l2, r, target))
-                       for r in args.sweep]
+            n = max(n_steps, 1)
+            methods = [Method(f"alpha*n = {total:g}", Controller(value, total / n, n, args.l2, radius, target))
+                       for total in args.sweep]
         else:
             methods.append(Method("RE-Control", Controller(value, step_size, n_steps, args.l2, radius, target)))
     toy = args.reward == "toy"  # the toy world: its grammar is checked exactly

@@ -1,5 +1,5 @@
 """
-The paper's evaluation (PAPER.md E8), each metric a function of its own.
+The paper's evaluation (docs/method.md, E8), each metric a function of its own.
 
 - mean reward, and its spread over seeds;
 - diversity: prod_{n=2..4} (1 - rep_n), rep_n = 1 - unique n-grams / n-grams of a response;

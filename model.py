@@ -1,5 +1,5 @@
 """
-The language model as a dynamical system (PAPER.md E1-E3), in one file.
+The language model as a dynamical system (docs/method.md, E1-E3), in one file.
 
 One GPT class covers GPT-2 and Llama (2, 3, 3.1, 3.2) through its config. The state of the system is
 explicit: `states()` returns o_t, the last-layer representation after the final norm, while it reads and

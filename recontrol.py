@@ -1,7 +1,7 @@
 """
 RE-Control (Kong et al., NeurIPS 2024): align a language model at test time by editing its representation.
 
-- Controller (PAPER.md E7): at every decoding step, gradient ascent on the value V_phi(o_t + u) moves the
+- Controller (docs/method.md, E7): at every decoding step, gradient ascent on the value V_phi(o_t + u) moves the
   newest state o_t by u before the LM head reads it (E3). It plugs into model.generate as `edit`, so plain
   and controlled sampling share one loop, and u never enters the KV cache.
 - Rollouts (E1, E6): the base model samples responses and records o_0 ... o_T of each; the reward scores
@@ -254,8 +254,8 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=None,
                         help="where rollouts, V and the generations go (default: out/<model>, next to its base model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the test runs")
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.0, 5.0, 10.0, 20.0, 40.0, 80.0],
-                        help="settings of alpha*n (n fixed) for the reward-vs-fluency table; none to skip")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[0.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+                        help="settings of alpha*n (n fixed) for the reward-vs-fluency tables; none to skip")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="test responses per test prompt and seed")
     args = parser.parse_args(argv)
     name, _, seed = args.model.partition("@")
@@ -271,8 +271,12 @@ def main(argv=None):
     summaries = generate_script.main(common + ["--seeds", *map(str, args.seeds),
                                                "--out", os.path.join(out_dir, "test_generations.jsonl")])
     if args.sweep:
-        print("\nThe trade-off of E7: stronger control (alpha * n, n as calibrated) buys reward, then costs grammar:")
-        generate_script.main(common + ["--sweep", *map(str, args.sweep), "--seeds", str(args.seeds[0])])
+        sweep = common + ["--sweep", *map(str, args.sweep), "--seeds", str(args.seeds[0])]
+        print("\nThe trade-off of E7 as the paper has it (no radius): a stronger ascent (alpha * n) buys reward, then "
+              "falls off a cliff:")
+        generate_script.main(sweep + ["--radius", "inf"])
+        print("\nThe same with the calibrated radius: the edit cannot leave the neighbourhood of o_t:")
+        generate_script.main(sweep)
     return summaries
 
 

@@ -1,5 +1,5 @@
 """
-What RE-Control is applied to: a base model, prompts x, and a reward R(x, y) (PAPER.md E4).
+What RE-Control is applied to: a base model, prompts x, and a reward R(x, y) (docs/method.md, E4).
 
 Every reward has one interface, reward(prompts, responses) -> tensor (N,), higher is better:
 - "toy": the embedded toy world's sentiment (toyworld.py);

@@ -39,7 +39,7 @@ def held_out_loss(value, batches, method, lam, gamma):
 
 
 def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", lam=1.0, gamma=1.0,
-          epochs=30, lr=1e-3, batch_size=64, seed=0, log=print):
+          epochs=30, lr=1e-3, batch_size=64, state_noise=0.0, seed=0, log=print):
     """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
     realised return at every state (value.ValueReport), and the epoch with the smallest error is kept
     (atomically): the same yardstick for every method, since a method's own loss can fall while V stays flat.
@@ -55,6 +55,9 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
         value.train()
         total, n = 0.0, 0
         for states, mask, rewards in rollouts.batches(train_ids, batch_size, seed=seed * 1000 + epoch):
+            if state_noise:  # V must also be right a little off the visited states, where E7 will move them
+                scale = state_noise * states.norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
+                states = states + scale * torch.randn_like(states)
             loss = bellman_loss(value, states, mask, rewards, method, lam, gamma)  # E6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
+    parser.add_argument("--state-noise", type=float, default=0.3,
+                        help="train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)")
     parser.add_argument("--held-out", type=float, default=0.1,
                         help="fraction of prompts held out: they choose the epoch and the step size")
     parser.add_argument("--step-size", type=float, default=0.8, help="alpha of E7 stored with V (calibration uses it)")
@@ -147,7 +152,7 @@ def main(argv=None):
     rollouts = Rollouts(folder)
     history = train(rollouts, train_ids, held_out_ids, value_config, args.out, info, method=args.method,
                     lam=args.lam, gamma=args.gamma, epochs=args.epochs, lr=args.lr,
-                    batch_size=args.train_batch_size, seed=args.seed)
+                    batch_size=args.train_batch_size, state_noise=args.state_noise, seed=args.seed)
     best = min(history, key=lambda h: h["error"]) if held_out_ids else history[-1]
     print(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
           f"for the best constant, correlation with the return {best['corr']:+.3f}")

@@ -1,5 +1,5 @@
 """
-The value function V_phi(o_t) (PAPER.md E5) and its Bellman loss (E6), with checkpoints that carry their
+The value function V_phi(o_t) (docs/method.md, E5) and its Bellman loss (E6), with checkpoints that carry their
 architecture and the model they were trained for.
 """
 

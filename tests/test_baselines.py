@@ -115,7 +115,7 @@ def test_compare_writes_table_csv_and_plots(tiny_world, tmp_path):
     folder, value = tiny_world
     out = tmp_path / "cmp"
     summaries = compare.main(["--model", folder, "--value", value, "--out-dir", str(out), "--seeds", "0", "1",
-                              "--samples-per-prompt", "1", "--sweep-alphas", "0.1", "--sweep-steps", "5"])
+                              "--samples-per-prompt", "1", "--sweep-alphas", "0.1"])
     names = [s["method"] for s in summaries]
     assert names == ["base", "prompting", "static editing", "best-of-4", "ARGS (prefix R)", "CD (V next state)",
                      "RE-Control"]

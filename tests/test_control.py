@@ -62,9 +62,11 @@ def test_value_rises_over_the_steps_for_a_small_step_size(value):
         assert (after > before).all()
 
 
-def test_max_norm_bounds_u(value):
-    u = Controller(value, 5.0, 20, max_norm=0.3).control(torch.randn(4, 32))
-    assert (u.norm(dim=-1) <= 0.3 + 1e-5).all() and (u.norm(dim=-1) > 0.29).all()
+def test_radius_bounds_u_relative_to_the_state(value):
+    o = torch.randn(4, 32) * torch.tensor([[0.5], [1.0], [2.0], [4.0]])
+    u = Controller(value, 5.0, 20, radius=0.3).control(o)
+    ratio = u.norm(dim=-1) / o.norm(dim=-1)
+    assert (ratio <= 0.3 + 1e-5).all() and (ratio > 0.29).all()  # a large step size ends on the sphere
 
 
 def test_only_the_newest_position_is_edited_and_the_cache_never_sees_u(model, value):
@@ -108,7 +110,7 @@ def test_batched_control_equals_one_by_one(model, value):
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(step_size=-0.1), "step size >= 0"), (dict(n_steps=-1), "steps >= 0"),
-                                          (dict(l2=-1.0), "l2 >= 0"), (dict(max_norm=0.0), "max_norm must be > 0")])
+                                          (dict(l2=-1.0), "l2 >= 0"), (dict(radius=0.0), "radius must be > 0")])
 def test_bad_control_settings_are_clear_errors(value, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Controller(value, **kwargs)
@@ -143,6 +145,6 @@ def test_without_a_target_the_ascent_takes_all_n_steps(value):
 
 
 def test_controller_refuses_nonsense_settings(value):
-    for kwargs in ({"step_size": float("nan")}, {"n_steps": 2.5}, {"target": float("nan")}, {"max_norm": 0.0}):
+    for kwargs in ({"step_size": float("nan")}, {"n_steps": 2.5}, {"target": float("nan")}, {"radius": float("nan")}):
         with pytest.raises(ValueError):
             Controller(value, **{"step_size": 0.1, "n_steps": 3, **kwargs})

@@ -34,12 +34,36 @@ def test_value_checkpoint_records_what_it_was_trained_for(tiny_world):
     assert checkpoint["config"]["n_embd"] == 64 and checkpoint["train_args"]["lam"] == 1.0
     assert -1 <= checkpoint["metrics"]["corr"] <= 1 and checkpoint["metrics"]["error"] < checkpoint["metrics"]["best_constant"]
     control = checkpoint["control"]  # calibrated on held-out training prompts, the curve kept
-    assert control["step_size"] > 0 and control["n_steps"] == 20 and control["curve"][0]["alpha_n"] == 0
+    assert control["radius"] > 0 and control["n_steps"] == 20 and control["curve"][0]["radius"] == 0
+    assert all(point["ok"] for point in control["curve"][:-1])  # every radius up to the chosen one was in budget
 
 
 def generate_args(folder, value=None, *extra):
     return ["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--max-new-tokens", "8",
             *(["--value", value] if value else []), *extra]
+
+
+def test_the_step_size_is_calibrated_on_held_out_training_prompts_only(tiny_world, tmp_path, monkeypatch):
+    import recontrol
+    import train_value
+    folder, value = tiny_world
+    seen = []
+
+    def spy(model, enc, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return 0.5, [{"radius": 0}]
+
+    def never(*args):
+        raise AssertionError("the test prompts were read")
+
+    monkeypatch.setattr(train_value, "calibrate_control", spy)
+    monkeypatch.setattr(toyworld.World, "test_prompts", never)
+    rollouts = os.path.join(os.path.dirname(value), "rollouts")  # the fixture's, reused: same settings
+    train_value.main(["--model", folder, "--out", str(tmp_path / "v.pt"), "--rollouts", rollouts,
+                      "--samples-per-prompt", "32", "--max-new-tokens", "32", "--epochs", "1"])
+    train = toyworld.World().train_prompts()
+    assert seen and set(seen) < set(train) and len(set(seen)) == round(0.1 * len(train))
+    assert torch.load(tmp_path / "v.pt", weights_only=True)["control"]["radius"] == 0.5
 
 
 def test_bad_inputs_are_clear_errors(tiny_world, tmp_path):

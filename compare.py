@@ -138,7 +138,10 @@ def main(argv=None):
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    args.max_new_tokens = check_prompts_fit(model, enc, prompts, args.max_new_tokens)
+    instruction = args.instruction if args.instruction is not None else (
+        "i love it . i would recommend it . " if toy else "A positive, kind and helpful reply follows.\n")
+    # the prompting baseline reads the longest prompts: they set the room left for the response
+    args.max_new_tokens = check_prompts_fit(model, enc, [instruction + p for p in prompts], args.max_new_tokens)
     if args.value is None:
         if args.model != "toy":
             parser.error("--value is needed for a model other than the toy world's")
@@ -150,8 +153,6 @@ def main(argv=None):
     trained = checkpoint["train_args"]
     rollouts = Rollouts(args.rollouts or trained.get("rollouts") or os.path.splitext(trained["out"])[0] + "_rollouts")
     n_train_prompts = rollouts.settings["n_prompts"]
-    instruction = args.instruction if args.instruction is not None else (
-        "i love it . i would recommend it . " if toy else "A positive, kind and helpful reply follows.\n")
 
     vector = steering_vector(rollouts, range(n_train_prompts))
     methods = [Method("base"), Method("prompting", instruction=instruction),

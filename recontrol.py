@@ -85,7 +85,7 @@ class Controller:
 RADII = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)  # radius * ||o|| tried by calibrate_control
 
 
-def calibrate_control(model, enc, prompts, value, reward_fn, step_size=0.8, n_steps=20, target=None, kl_budget=0.1,
+def calibrate_control(model, enc, prompts, value, reward_fn, step_size=3.2, n_steps=20, target=None, kl_budget=0.1,
                       is_grammatical=None, min_grammar_ratio=0.95, samples_per_prompt=16, batch_size=64,
                       max_new_tokens=32, temperature=1.0, top_k=None, top_p=None, stop_strings=(), seed=0,
                       radii=RADII, log=print):

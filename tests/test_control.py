@@ -64,7 +64,7 @@ def test_value_rises_over_the_steps_for_a_small_step_size(value):
 
 def test_radius_bounds_u_relative_to_the_state(value):
     o = torch.randn(4, 32) * torch.tensor([[0.5], [1.0], [2.0], [4.0]])
-    u = Controller(value, 5.0, 20, radius=0.3).control(o)
+    u = Controller(value, 1000.0, 20, radius=0.3).control(o)
     ratio = u.norm(dim=-1) / o.norm(dim=-1)
     assert (ratio <= 0.3 + 1e-5).all() and (ratio > 0.29).all()  # a large step size ends on the sphere
 

@@ -180,3 +180,12 @@ def test_reward_model_through_model_py(tmp_path):
     train_gpt2_files(tmp_path / "lm")
     with pytest.raises(ValueError, match="is a language model, not a reward model"):
         load_reward(f"rm:{tmp_path / 'lm'}")
+
+
+def test_reward_quantile_of_the_training_rollouts(tiny_world):
+    _, value = tiny_world
+    rollouts = Rollouts(os.path.join(os.path.dirname(value), "rollouts"))
+    ids = set(range(0, 90, 2))
+    rewards = torch.cat([r for _, _, r in rollouts.batches(ids, 64)])
+    assert rollouts.reward_quantile(ids, 0.9) == torch.quantile(rewards, 0.9).item()
+    assert rollouts.reward_quantile(ids, 0.0) == rewards.min().item()

@@ -108,7 +108,7 @@ def main(argv=None):
     parser.add_argument("--state-noise", type=float, default=0.3,
                         help="train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)")
     parser.add_argument("--held-out", type=float, default=0.1,
-                        help="fraction of prompts held out: they choose the epoch and the step size")
+                        help="fraction of prompts held out: they choose the epoch and the radius of the control")
     parser.add_argument("--step-size", type=float, default=3.2, help="alpha of E7 stored with V (calibration uses it)")
     parser.add_argument("--n-steps", type=int, default=20, help="n of E7 stored with V (calibration uses it)")
     parser.add_argument("--kl-budget", type=float, default=0.1,

@@ -29,17 +29,17 @@ def history_path(value_path):
 
 
 @torch.no_grad()
-def held_out_loss(value, batches, method, lam, gamma):
+def held_out_loss(value, batches, method, lam, gamma, stop_gradient=True):
     """The training method's own loss on held-out responses (weighted by states; printed, never used to choose)."""
     total, weight = 0.0, 0
     for states, mask, rewards in batches:
-        total += bellman_loss(value, states, mask, rewards, method, lam, gamma).item() * mask.sum().item()
+        total += bellman_loss(value, states, mask, rewards, method, lam, gamma, stop_gradient).item() * mask.sum().item()
         weight += mask.sum().item()
     return total / weight if weight else float("nan")
 
 
 def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", lam=1.0, gamma=1.0,
-          epochs=30, lr=1e-3, batch_size=64, state_noise=0.0, seed=0, log=print):
+          epochs=30, lr=1e-3, batch_size=64, state_noise=0.0, stop_gradient=True, seed=0, log=print):
     """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
     realised return at every state (value.ValueReport), and the epoch with the smallest error is kept
     (atomically): the same yardstick for every method, since a method's own loss can fall while V stays flat.
@@ -58,7 +58,7 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
             if state_noise:  # V must also be right a little off the visited states, where E7 will move them
                 scale = state_noise * states.norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
                 states = states + scale * torch.randn_like(states)
-            loss = bellman_loss(value, states, mask, rewards, method, lam, gamma)  # E6
+            loss = bellman_loss(value, states, mask, rewards, method, lam, gamma, stop_gradient)  # E6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -66,7 +66,8 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
         value.eval()
         report = value_report(value, rollouts.batches(held_out_ids, 256), gamma)
         record = {"epoch": epoch, "train_loss": total / max(n, 1),
-                  "held_out_loss": held_out_loss(value, rollouts.batches(held_out_ids, 256), method, lam, gamma),
+                  "held_out_loss": held_out_loss(value, rollouts.batches(held_out_ids, 256), method, lam, gamma,
+                                                 stop_gradient),
                   **report}
         history.append(record)
         write_text_atomically(history_path(out), json.dumps(history))
@@ -98,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--lam", type=float, default=1.0,
                         help="lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the default: it steers, "
                              "see README)")
+    parser.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_false",
+                        help="let the gradient flow into the TD(lambda) targets too, as the official codes do")
     parser.add_argument("--gamma", type=float, default=1.0, help="discount of E6 (the paper: 1)")
     parser.add_argument("--epochs", type=int, default=100, help="passes over the training rollouts")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-4 or 1e-3)")
@@ -147,12 +150,14 @@ def main(argv=None):
     value_config = ValueConfig(n_embd=model.config.n_embd, n_hidden=args.hidden_layers, width=args.width,
                                activation=args.activation)
     info = dict(base_model_id=args.model, model=model, reward_name=args.reward, train_args=vars(args))
-    name = "the official loss" if args.method == "official" else f"TD(lambda = {args.lam:g})"
+    name = "the official loss" if args.method == "official" else (
+        f"TD(lambda = {args.lam:g}){'' if args.stop_gradient else ' without stop-gradient'}")
     print(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({name}, gamma {args.gamma})")
     rollouts = Rollouts(folder)
     history = train(rollouts, train_ids, held_out_ids, value_config, args.out, info, method=args.method,
                     lam=args.lam, gamma=args.gamma, epochs=args.epochs, lr=args.lr,
-                    batch_size=args.train_batch_size, state_noise=args.state_noise, seed=args.seed)
+                    batch_size=args.train_batch_size, state_noise=args.state_noise,
+                    stop_gradient=args.stop_gradient, seed=args.seed)
     best = min(history, key=lambda h: h["error"]) if held_out_ids else history[-1]
     print(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
           f"for the best constant, correlation with the return {best['corr']:+.3f}")

@@ -49,7 +49,7 @@ def last_index(mask):
     return mask.long().sum(1) - 1
 
 
-def lambda_returns(values, mask, rewards, lam=1.0, gamma=1.0):
+def lambda_returns(values, mask, rewards, lam=1.0, gamma=1.0, stop_gradient=True):
     """E6, the TD(lambda) family: the regression target G_t of every state of responses padded on the right.
 
     values (B, L) are V(o_t) of the states o_0 ... o_T (L >= T+1), mask (B, L) marks the real ones, rewards (B,).
@@ -57,26 +57,28 @@ def lambda_returns(values, mask, rewards, lam=1.0, gamma=1.0):
         G_t = gamma * ((1 - lam) * sg[V(o_{t+1})] + lam * G_{t+1}).
     lam = 0 is the paper's TD(0), G_t = gamma * sg[V(o_{t+1})]: one step of bootstrapping, so the reward reaches
     o_t only through the values of the states after it. lam = 1 is Monte Carlo, G_t = gamma^(T-t) * R: the
-    realised reward itself. sg[.] (detach) holds the targets fixed, so only V(o_t) is pulled towards them.
+    realised reward itself. sg[.] (detach) holds the targets fixed, so only V(o_t) is pulled towards them;
+    stop_gradient=False lets the gradient flow into the targets too, as both official codes do (to measure it).
     """
     B, L = values.shape
     last = last_index(mask)  # (B,)
-    bootstrap = values.detach()  # sg[V]
+    bootstrap = values.detach() if stop_gradient else values  # sg[V]
     rewards = rewards.float()
-    targets = torch.zeros_like(bootstrap)  # (B, L)
+    targets = [None] * L
     G = rewards
     for t in reversed(range(L)):
         if t + 1 < L:
             G = gamma * ((1 - lam) * bootstrap[:, t + 1] + lam * G)
         G = torch.where(t == last, rewards, G)  # G_T = R; states past the end are masked out by the loss
-        targets[:, t] = G
-    return targets
+        targets[t] = G
+    return torch.stack(targets, dim=1)  # (B, L)
 
 
-def bellman_loss(value, states, mask, rewards, method="td", lam=1.0, gamma=1.0):
+def bellman_loss(value, states, mask, rewards, method="td", lam=1.0, gamma=1.0, stop_gradient=True):
     """E6: the loss V_phi is trained with. states (B, T+1, d), mask (B, T+1), rewards (B,).
 
-    td: mean over real states of (V(o_t) - G_t)^2 with the lambda-returns above (lam = 0: TD(0), 1: Monte Carlo).
+    td: mean over real states of (V(o_t) - G_t)^2 with the lambda-returns above (lam = 0: TD(0), 1: Monte Carlo);
+        stop_gradient=False drops the sg[.] of the targets (a residual-gradient variant, for comparison).
     official: the loss of the official RE-Control training script, as written (see official_loss).
     """
     values = value(states)  # (B, T+1)
@@ -84,7 +86,7 @@ def bellman_loss(value, states, mask, rewards, method="td", lam=1.0, gamma=1.0):
         return official_loss(values, mask, rewards)
     if method != "td":
         raise ValueError(f"method must be 'td' or 'official', got {method!r}")
-    targets = lambda_returns(values, mask, rewards, lam, gamma)
+    targets = lambda_returns(values, mask, rewards, lam, gamma, stop_gradient)
     mask = mask.float()
     return (((values - targets) ** 2) * mask).sum() / mask.sum()
 

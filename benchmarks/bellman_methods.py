@@ -20,11 +20,14 @@ import generate  # noqa: E402
 import train_value  # noqa: E402
 
 METHODS = {"TD(0)": ["--lam", "0"], "TD(0.5)": ["--lam", "0.5"], "TD(0.9)": ["--lam", "0.9"],
-           "official": ["--method", "official"], "MC (lambda = 1)": ["--lam", "1"]}
+           "official": ["--method", "official"], "MC (lambda = 1)": ["--lam", "1"],
+           "TD(0), no sg": ["--lam", "0", "--no-stop-gradient"], "TD(0.9), no sg": ["--lam", "0.9", "--no-stop-gradient"]}
+DEFAULT_METHODS = ["TD(0)", "TD(0.5)", "TD(0.9)", "official", "MC (lambda = 1)"]
 
 
 def run_method(name, flags, args, out_dir):
-    value_path = os.path.join(out_dir, name.split()[0].replace("(", "").replace(")", "").lower(), "value.pt")
+    folder = name.replace(" (lambda = 1)", "").replace(", no sg", "-nosg").replace("(", "").replace(")", "").lower()
+    value_path = os.path.join(out_dir, folder, "value.pt")
     history = train_value.main(["--model", args.model, "--out", value_path, "--rollouts",
                                 os.path.join(out_dir, "rollouts"), "--epochs", str(args.epochs),
                                 "--samples-per-prompt", str(args.samples_per_prompt), *flags])
@@ -58,7 +61,7 @@ def table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy", help="toy, toy-long, or either @SEED")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of: {', '.join(METHODS)}")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"any of: {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the test runs")
     parser.add_argument("--out-dir", default=None, help="default: out/bellman/<model>")
     parser.add_argument("--epochs", type=int, default=100, help="value training epochs (train_value.py's default)")

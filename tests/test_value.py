@@ -178,3 +178,18 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"something": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="is not a value checkpoint"):
         load_value(str(tmp_path / "x.pt"))
+
+
+def test_without_stop_gradient_the_targets_carry_gradient():
+    # TD(0) on one 2-state response with V the identity: with sg, dL/dV1 comes from the terminal term only;
+    # without it, the pair term (V0 - V1)^2 also pushes V1 towards V0.
+    identity = lambda s: s.squeeze(-1)
+    mask, reward = torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0])
+    grads = []
+    for sg in (True, False):
+        x = torch.tensor([[[0.0], [0.5]]], requires_grad=True)
+        bellman_loss(identity, x, mask, reward, lam=0.0, stop_gradient=sg).backward()
+        grads.append(x.grad.squeeze().tolist())
+    # L = ((V0 - V1)^2 + (V1 - 1)^2) / 2
+    assert grads[0] == [-0.5, -0.5]  # dV0: (V0 - V1) = -0.5; dV1: (V1 - 1) = -0.5, the target V1 held fixed
+    assert grads[1] == [-0.5, 0.0]  # dV1 adds -(V0 - V1) = +0.5

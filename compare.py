@@ -20,11 +20,11 @@ import metrics
 import toyworld
 from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
 from generate import Method, control_settings, sample_with
-from recontrol import Controller, Rollouts
+from control import Controller
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
 import train_value
-from train_value import history_path
+from train_value import Rollouts, history_path
 from value import load_value
 
 
@@ -100,7 +100,7 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
         ax.plot(epochs, [h["held_out_loss"] for h in history], label="held-out loss (the method's own)")
         ax.plot(epochs, [h["error"] for h in history], label="held-out error of V(o_t) against the return")
         ax.axhline(history[0]["best_constant"], color="gray", ls=":", label="error of the best constant")
-        kept = min(history, key=lambda h: h["error"])
+        kept = train_value.kept_epoch(history)
         ax.axvline(kept["epoch"], color="black", ls="--", lw=0.8, label=f"kept: epoch {kept['epoch']}")
         save(fig, ax, "value_training.png", "Value training (E6)", "epoch", "mean squared error")
     return paths

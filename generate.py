@@ -17,7 +17,7 @@ import metrics
 import toyworld
 from baselines import CountingReward
 from model import generate
-from recontrol import Controller
+from control import Controller
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
 from value import load_value

@@ -2,6 +2,9 @@
 Train the value function of RE-Control: rollouts from the base model -> rewards -> Bellman training (E6),
 then the strength of the control (E7) chosen on held-out validation prompts and stored with V.
 
+- Rollouts (E1, E6): the base model samples responses and records o_0 ... o_T of each; the reward scores them;
+  shards on disk keep them (fp16) for value training, and a long collection resumes where it stopped.
+
     python train_value.py      # the embedded toy world: its base model, its training prompts, its reward
     python train_value.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --out gpt2_value.pt
 """
@@ -16,11 +19,124 @@ import time
 import torch
 
 import toyworld
-from recontrol import Rollouts, calibrate_control, collect_rollouts
+from control import calibrate_control
 from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
                    load_reward, run_cli)
-from model import write_text_atomically
-from value import ValueConfig, ValueFunction, bellman_loss, load_value, save_value, value_report
+from model import generate, write_atomically, write_text_atomically
+from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, load_value, save_value
+
+
+# -----------------------------------------------------------------------------
+# rollouts: states of the base model's own responses, with their rewards (E1, E6)
+
+
+def collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=4, batch_size=64,
+                     max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, stop_strings=(), seed=0,
+                     shard_size=512, log=print):
+    """Sample `samples_per_prompt` responses per prompt with the base model, keep o_0 ... o_T (E1) and R.
+
+    Shards of `shard_size` responses are written atomically to `folder`; an interrupted collection with the
+    same settings resumes at the first missing shard (each shard has its own seed, so results do not depend on
+    where it stopped).
+    """
+    settings = dict(n_prompts=len(prompts), prompts_head=prompts[:3], samples_per_prompt=samples_per_prompt,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    stop_strings=list(stop_strings), seed=seed, shard_size=shard_size, width=model.config.n_embd)
+    os.makedirs(folder, exist_ok=True)
+    meta_path = os.path.join(folder, "rollouts.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f)["settings"] != settings:
+                raise ValueError(f"{folder} holds rollouts collected with other settings (model, prompts or "
+                                 "sampling); pass another --rollouts folder, or delete this one")
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(samples_per_prompt)]  # (prompt, sample)
+    n_shards = math.ceil(len(jobs) / shard_size)
+    write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
+    t0, done = time.time(), 0
+    for s in range(n_shards):
+        path = os.path.join(folder, f"shard_{s:05d}.pt")
+        if os.path.exists(path):
+            continue
+        shard_jobs = jobs[s * shard_size:(s + 1) * shard_size]
+        states, lengths, texts = [], [], []
+        for b in range(0, len(shard_jobs), batch_size):
+            batch = [prompts[i] for i, _ in shard_jobs[b:b + batch_size]]
+            out = generate(model, [enc.encode(p, allowed_special="all") for p in batch], max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, stop_strings=stop_strings,
+                           tokenizer=enc, seed=seed * 1_000_003 + s * 1009 + b, record_states=True)
+            states += [x.half().cpu() for x in out.states]
+            lengths += [x.shape[0] for x in out.states]
+            texts += out.texts
+        prompt_index = [i for i, _ in shard_jobs]
+        rewards = reward_fn([prompts[i] for i in prompt_index], texts).float()
+        shard = {"states": torch.cat(states), "lengths": torch.tensor(lengths), "rewards": rewards,
+                 "prompt_index": torch.tensor(prompt_index), "texts": texts}
+        write_atomically(path, lambda p: torch.save(shard, p))
+        done += len(shard_jobs)
+        rate = done / (time.time() - t0)
+        left = len(jobs) - (s + 1) * shard_size
+        log(f"rollouts: shard {s + 1}/{n_shards}, {rate:.1f} responses/s, mean reward {rewards.mean():+.3f}, "
+            f"ETA {max(left, 0) / rate:.0f}s")
+    return folder
+
+
+class Rollouts:
+    """Streams the shards of a rollout folder as padded batches (states (B, L, d), mask (B, L), rewards (B,))."""
+
+    def __init__(self, folder):
+        meta_path = os.path.join(folder, "rollouts.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{folder} has no rollouts.json; collect rollouts first (train_value.py)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        self.paths = [os.path.join(folder, f"shard_{s:05d}.pt") for s in range(meta["n_shards"])]
+        missing = [p for p in self.paths if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} rollout shards are missing (e.g. {missing[0]}); run the "
+                                    "collection again to resume it")
+        self.settings = meta["settings"]
+
+    def trajectories(self, prompt_ids, rng):
+        """(states (T+1, d), reward) of the responses to the given prompts, shard by shard in random order."""
+        for path in rng.sample(self.paths, len(self.paths)):
+            shard = torch.load(path, weights_only=True)
+            pieces = shard["states"].split(shard["lengths"].tolist())
+            order = [j for j in range(len(pieces)) if int(shard["prompt_index"][j]) in prompt_ids]
+            rng.shuffle(order)
+            for j in order:
+                yield pieces[j], shard["rewards"][j]
+
+    def reward_quantile(self, prompt_ids, q):
+        """The q-quantile of the rewards of the responses to the given prompts."""
+        rewards = torch.cat([shard["rewards"][[int(i) in prompt_ids for i in shard["prompt_index"]]]
+                             for shard in (torch.load(p, weights_only=True) for p in self.paths)])
+        return torch.quantile(rewards, q).item()
+
+    def batches(self, prompt_ids, batch_size, seed=0):
+        rng = random.Random(seed)
+        pool = []
+        for item in self.trajectories(set(prompt_ids), rng):
+            pool.append(item)
+            if len(pool) == batch_size:
+                yield pad_batch(pool)
+                pool = []
+        if pool:
+            yield pad_batch(pool)
+
+
+def pad_batch(items):
+    """Right-pad trajectories of different lengths into (states (B, L, d) fp32, mask (B, L), rewards (B,))."""
+    L = max(s.shape[0] for s, _ in items)
+    states = torch.zeros(len(items), L, items[0][0].shape[1])
+    mask = torch.zeros(len(items), L, dtype=torch.bool)
+    for i, (s, _) in enumerate(items):
+        states[i, :s.shape[0]] = s.float()
+        mask[i, :s.shape[0]] = True
+    return states, mask, torch.stack([r for _, r in items]).float()
+
+
+# -----------------------------------------------------------------------------
+# value training (E6)
 
 
 def history_path(value_path):
@@ -29,13 +145,20 @@ def history_path(value_path):
 
 
 @torch.no_grad()
-def held_out_loss(value, batches, method, lam, gamma, stop_gradient=True):
-    """The training method's own loss on held-out responses (weighted by states; printed, never used to choose)."""
-    total, weight = 0.0, 0
+def evaluate(value, batches, method, lam, gamma, stop_gradient=True):
+    """One pass over the held-out responses: value.ValueReport's measures against the realised return, and the
+    training method's own loss (weighted by states; printed, never used to choose)."""
+    report, total, weight = ValueReport(gamma), 0.0, 0
     for states, mask, rewards in batches:
+        report.add(value, states, mask, rewards)
         total += bellman_loss(value, states, mask, rewards, method, lam, gamma, stop_gradient).item() * mask.sum().item()
         weight += mask.sum().item()
-    return total / weight if weight else float("nan")
+    return {"held_out_loss": total / weight if weight else float("nan"), **report.summary()}
+
+
+def kept_epoch(history):
+    """The record of the epoch whose checkpoint was kept (the last one that improved)."""
+    return [h for h in history if h["kept"]][-1]
 
 
 def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", lam=1.0, gamma=1.0,
@@ -43,7 +166,8 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
     """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
     realised return at every state (value.ValueReport), and the epoch with the smallest error is kept
     (atomically): the same yardstick for every method, since a method's own loss can fall while V stays flat.
-    The measures of every epoch are written next to the checkpoint. Returns the history."""
+    The measures of every epoch are written next to the checkpoint. Returns the history; the kept epoch is the
+    last one marked "kept" (kept_epoch)."""
     if not held_out_ids:
         log("no held-out prompts: the last epoch is kept, and no step size can be calibrated")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -64,22 +188,19 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
             optimizer.step()
             total, n = total + loss.item() * len(rewards), n + len(rewards)
         value.eval()
-        report = value_report(value, rollouts.batches(held_out_ids, 256), gamma)
         record = {"epoch": epoch, "train_loss": total / max(n, 1),
-                  "held_out_loss": held_out_loss(value, rollouts.batches(held_out_ids, 256), method, lam, gamma,
-                                                 stop_gradient),
-                  **report}
+                  **evaluate(value, rollouts.batches(held_out_ids, 256), method, lam, gamma, stop_gradient)}
+        score = record["error"] if held_out_ids else -epoch  # without held-out data: the latest epoch
+        record["kept"] = improved = math.isfinite(record["train_loss"]) and score < best
         history.append(record)
         write_text_atomically(history_path(out), json.dumps(history))
-        score = report["error"] if held_out_ids else -epoch  # without held-out data: the latest epoch
-        improved = math.isfinite(record["train_loss"]) and score < best
         if improved:
             best = score
             save_value(out, value, metrics=record, **checkpoint_info)
         elapsed = time.time() - t0
         log(f"epoch {epoch:3d}/{epochs} | {method} loss {record['train_loss']:.4f} (held-out "
-            f"{record['held_out_loss']:.4f}) | held-out error of V vs return {report['error']:.4f} "
-            f"(constant {report['best_constant']:.4f}), corr {report['corr']:+.3f}, spread {report['spread']:.3f} | "
+            f"{record['held_out_loss']:.4f}) | held-out error of V vs return {record['error']:.4f} "
+            f"(constant {record['best_constant']:.4f}), corr {record['corr']:+.3f}, spread {record['spread']:.3f} | "
             f"ETA {elapsed / epoch * (epochs - epoch):.0f}s{' | kept' if improved else ''}")
     if best == float("inf"):
         raise ValueError(f"no epoch produced a usable value function (losses were not finite); {out} was not "
@@ -158,7 +279,7 @@ def main(argv=None):
                     lam=args.lam, gamma=args.gamma, epochs=args.epochs, lr=args.lr,
                     batch_size=args.train_batch_size, state_noise=args.state_noise,
                     stop_gradient=args.stop_gradient, seed=args.seed)
-    best = min(history, key=lambda h: h["error"]) if held_out_ids else history[-1]
+    best = kept_epoch(history)
     print(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
           f"for the best constant, correlation with the return {best['corr']:+.3f}")
     if held_out_ids:

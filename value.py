@@ -147,13 +147,6 @@ class ValueReport:
                 "spread": v.std(unbiased=False).item(), "error_by_position": by_position}
 
 
-def value_report(value, batches, gamma=1.0):
-    """ValueReport.summary() over an iterable of (states, mask, rewards) batches."""
-    report = ValueReport(gamma)
-    for states, mask, rewards in batches:
-        report.add(value, states, mask, rewards)
-    return report.summary()
-
 
 # -----------------------------------------------------------------------------
 # checkpoints

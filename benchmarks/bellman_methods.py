@@ -31,7 +31,7 @@ def run_method(name, flags, args, out_dir):
     history = train_value.main(["--model", args.model, "--out", value_path, "--rollouts",
                                 os.path.join(out_dir, "rollouts"), "--epochs", str(args.epochs),
                                 "--samples-per-prompt", str(args.samples_per_prompt), *flags])
-    kept = min(history, key=lambda h: h["error"])
+    kept = train_value.kept_epoch(history)
     base, ctrl = generate.main(["--model", args.model, "--value", value_path, "--samples-per-prompt", "4",
                                 "--seeds", *map(str, args.seeds)])
     control = torch.load(value_path, weights_only=True)["control"]

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toyworld  # noqa: E402
 from model import generate  # noqa: E402
-from recontrol import Controller  # noqa: E402
+from control import Controller  # noqa: E402
 from value import ValueConfig, ValueFunction  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, generate
-from recontrol import Controller
+from control import Controller
 from value import ValueConfig, ValueFunction
 
 
@@ -134,14 +134,14 @@ def test_target_stops_the_ascent_at_the_first_step_where_v_reaches_it():
     u = controller.control(o)
     # row 0: V goes 0 -> 0.25 -> 0.5 -> 0.75 and stops after the third step; row 1 starts above the target
     assert torch.allclose(o[0] @ w + u[0] @ w, torch.tensor(0.75))
-    assert torch.equal(u[1], torch.zeros(2)) and controller.steps_taken == 3
+    assert torch.equal(u[1], torch.zeros(2)) and int(controller.steps_taken) == 3
 
 
 def test_without_a_target_the_ascent_takes_all_n_steps(value):
     o = torch.randn(4, 32)
     fixed = Controller(value, 0.3, 7).control(o)
     unreachable = Controller(value, 0.3, 7, target=1e9)
-    assert torch.equal(unreachable.control(o), fixed) and unreachable.steps_taken == 4 * 7
+    assert torch.equal(unreachable.control(o), fixed) and int(unreachable.steps_taken) == 4 * 7
 
 
 def test_controller_refuses_nonsense_settings(value):

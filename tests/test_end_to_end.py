@@ -10,7 +10,7 @@ import torch
 import generate as generate_script
 import toyworld
 from model import GPT, GPTConfig, save_tokenizer
-from recontrol import Rollouts, collect_rollouts
+from train_value import Rollouts, collect_rollouts
 from tasks import hh_prompt, load_prompts, load_reward, run_cli
 
 
@@ -44,7 +44,6 @@ def generate_args(folder, value=None, *extra):
 
 
 def test_the_step_size_is_calibrated_on_held_out_training_prompts_only(tiny_world, tmp_path, monkeypatch):
-    import recontrol
     import train_value
     folder, value = tiny_world
     seen = []

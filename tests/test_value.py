@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from value import (ValueConfig, ValueFunction, bellman_loss, lambda_returns, load_value, save_value,
-                   value_report)
+from value import (ValueConfig, ValueFunction, ValueReport, bellman_loss, lambda_returns, load_value,
+                   save_value)
 
 # Gambler's ruin on positions 0..4, start at 2, +-1 with probability 1/2, stop at 0 (R = -1) or 4 (R = +1).
 # The true value of position k is (k - 2) / 2. States are one-hot; responses have many different lengths.
@@ -133,10 +133,15 @@ def test_official_loss_is_the_official_formula_as_written():
 
 def test_value_report_scores_a_flat_value_as_the_best_constant():
     states, mask, rewards = gamblers_ruin_batch(200, random.Random(1))
-    report = value_report(lambda s: torch.zeros(s.shape[:-1]), [(states, mask, rewards)])
+    def report_of(value):
+        report = ValueReport()
+        report.add(value, states, mask, rewards)
+        return report.summary()
+
+    report = report_of(lambda s: torch.zeros(s.shape[:-1]))
     assert report["spread"] == 0 and report["corr"] == 0
     assert abs(report["error"] - report["best_constant"]) < 0.01  # mean R is near 0 by symmetry
-    truth = value_report(lambda s: s @ TRUE_VALUES, [(states, mask, rewards)])
+    truth = report_of(lambda s: s @ TRUE_VALUES)
     assert truth["error"] < 0.8 * report["error"] and truth["corr"] > 0.4
     assert truth["error_by_position"]["last"] == 0  # the true value of a final position is its reward
 

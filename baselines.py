@@ -1,5 +1,5 @@
 """
-The paper's baselines (docs/method.md, E8), each a plug-in for the one sampling loop of model.generate, so that every
+The paper's baselines (docs/method.md, E8), each a plug-in for the one sampling loop of generate.sample, so that every
 method runs with the same prompts, the same reward and the same code path:
 
 - prompting: an instruction prepended to the prompt (no plug-in: the prompt changes);
@@ -100,7 +100,7 @@ class NextStateValueGuide:
             scores = torch.empty(candidates.shape, device=logits.device)
             for j in range(candidates.shape[1]):
                 o_next = self.model.states(candidates[:, j:j + 1], cache)[:, -1]  # (B, C)
-                cache.length -= 1  # rewind: the slot is written again by the token actually chosen
+                cache.rewind(1)  # its slot is written again by the token actually chosen
                 scores[:, j] = self.value(o_next)
             return scores
         return rescore_top_k(logits, self.k, self.weight, scores_of)

@@ -17,13 +17,12 @@ import time
 import torch
 
 import metrics
-import toyworld
-from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
-from generate import Method, control_settings, sample_with
-from control import Controller
-from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
-                   load_reward, run_cli)
 import train_value
+from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
+from cli import add_control_arguments, add_sampling_arguments, add_task_arguments, run_cli
+from control import ControlConfig, Controller
+from generate import Method, SamplingConfig, sample_responses
+from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
 from train_value import Rollouts, history_path
 from value import load_value
 
@@ -109,82 +108,81 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_arguments(parser, prompts="toy-test")
-    add_sampling_arguments(parser)
-    parser.set_defaults(samples_per_prompt=4)
-    parser.add_argument("--value", default=None, help="value checkpoint (toy default: out/toyworld/value.pt, trained if missing)")
-    parser.add_argument("--rollouts", default=None, help="rollouts V was trained on, for the steering vector (default: from the checkpoint)")
+    add_sampling_arguments(parser, samples_per_prompt=4)
+    parser.add_argument("--value", default=None,
+                        help=f"value checkpoint (toy default: {train_value.DEFAULT_OUT}, trained if missing)")
+    parser.add_argument("--rollouts", default=None,
+                        help="rollouts V was trained on, for the steering vector (default: from the checkpoint)")
     parser.add_argument("--out-dir", default="out/compare", help="where table.md, table.csv and the plots go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
-    parser.add_argument("--step-size", type=float, default=None,
-                        help="RE-Control: alpha of E7 (default: as calibrated with V by train_value.py)")
-    parser.add_argument("--n-steps", type=int, default=None, help="RE-Control: steps n of E7 (default: as calibrated)")
-    parser.add_argument("--target", default="auto", help="RE-Control: stop at this V: a number, 'none' or 'auto'")
-    parser.add_argument("--radius", type=float, default=None,
-                        help="RE-Control: ||u|| <= radius * ||o_t|| (default: as calibrated with V; inf: no limit)")
+    add_control_arguments(parser)
     parser.add_argument("--instruction", default=None, help="prompting: text prepended to each prompt")
     parser.add_argument("--steering-scale", type=float, default=8.0,
                         help="static editing: scale of the vector (8: chosen on the toy world, see README)")
     parser.add_argument("--best-of", type=int, default=4, help="best-of-N: N")
     parser.add_argument("--guide-k", type=int, default=10, help="reward-guided decoding: candidates re-scored per step")
     parser.add_argument("--guide-weight", type=float, default=2.0, help="reward-guided decoding (prefix reward): w")
-    parser.add_argument("--value-guide-weight", type=float, default=4.0, help="reward-guided decoding (V of the next state): w")
+    parser.add_argument("--value-guide-weight", type=float, default=4.0,
+                        help="reward-guided decoding (V of the next state): w")
     parser.add_argument("--sweep-alphas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
                         help="alphas of the sweep plot (n as for RE-Control), with and without the radius")
     args = parser.parse_args(argv)
-    toy = args.reward == "toy"
-    grammar = toyworld.is_grammatical if toy else None  # the toy world's exact fluency measure
+    grammar = grammar_check(args.reward)  # the toy world's exact fluency measure, None for other rewards
 
     t_start = time.time()
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
     instruction = args.instruction if args.instruction is not None else (
-        "i love it . i would recommend it . " if toy else "A positive, kind and helpful reply follows.\n")
+        "i love it . i would recommend it . " if grammar else "A positive, kind and helpful reply follows.\n")
     # the prompting baseline reads the longest prompts: they set the room left for the response
-    args.max_new_tokens = check_prompts_fit(model, enc, [instruction + p for p in prompts], args.max_new_tokens)
+    sampling = SamplingConfig.from_args(args)
+    sampling.max_new_tokens = check_prompts_fit(model, enc, [instruction + p for p in prompts], sampling.max_new_tokens)
     if args.value is None:
         if args.model != "toy":
             parser.error("--value is needed for a model other than the toy world's")
-        args.value = "out/toyworld/value.pt"
+        args.value = train_value.DEFAULT_OUT
         if not os.path.exists(args.value):
-            train_value.main(["--out", args.value])  # the toy world's defaults
+            train_value.main([])  # the toy world's value, as `python train_value.py` makes it
     value, checkpoint = load_value(args.value, model, args.model)
-    step_size, n_steps, target, radius = control_settings(args, checkpoint.get("control") or {})
-    trained = checkpoint["train_args"]
-    rollouts = Rollouts(args.rollouts or trained.get("rollouts") or os.path.splitext(trained["out"])[0] + "_rollouts")
-    n_train_prompts = rollouts.settings["n_prompts"]
+    control = ControlConfig.chosen(checkpoint.get("control") or {}, args.step_size, args.n_steps, args.radius,
+                                   args.target, args.l2)
+    rollouts_folder = args.rollouts or checkpoint["train_args"].get("rollouts")
+    if not rollouts_folder:
+        raise ValueError(f"{args.value} does not say which rollouts it was trained on; pass --rollouts")
+    rollouts = Rollouts(rollouts_folder)
 
-    vector = steering_vector(rollouts, range(n_train_prompts))
+    vector = steering_vector(rollouts, range(rollouts.settings["n_prompts"]))
     methods = [Method("base"), Method("prompting", instruction=instruction),
                Method("static editing", edit=SteeringEdit(vector, args.steering_scale)),
                Method(f"best-of-{args.best_of}", best_of=args.best_of),
                Method("ARGS (prefix R)", guide=lambda p, r: PrefixRewardGuide(r, enc, p, args.guide_k, args.guide_weight)),
                Method("CD (V next state)", guide=lambda p, r: NextStateValueGuide(model, value, args.guide_k,
                                                                                    args.value_guide_weight)),
-               Method("RE-Control", edit=Controller(value, step_size, n_steps, radius=radius, target=target))]
+               Method("RE-Control", edit=Controller.from_config(value, control))]
     summaries, along = [], {}
     for method in methods:
         record = method.name in ("base", "RE-Control")
-        runs = [sample_with(method, model, enc, prompts, reward_fn, args, seed, record_states=record)
+        runs = [sample_responses(method, model, enc, prompts, reward_fn, sampling, seed, record_states=record)
                 for seed in args.seeds]
         summaries.append(metrics.summarize_runs(method.name, runs, model, enc, grammar))
         if record:
-            along[method.name] = value_along_tokens(value, runs[0][0], args.max_new_tokens + 1)
+            along[method.name] = value_along_tokens(value, runs[0][0], sampling.max_new_tokens + 1)
         print(f"{method.name:>18}: reward {summaries[-1]['reward']:+.3f} ({time.time() - t_start:.0f}s)", flush=True)
 
     sweep = []
     bounds = {"paper's E7, no radius": None}
-    if radius is not None:
-        bounds[f"radius {radius:g}"] = radius
-    for bound, r in bounds.items():
+    if control.radius is not None:
+        bounds[f"radius {control.radius:g}"] = control.radius
+    for bound, radius in bounds.items():
         for alpha in args.sweep_alphas:
-            controller = Controller(value, alpha, n_steps, radius=r, target=target)
-            runs = [sample_with(Method("sweep", edit=controller), model, enc, prompts, reward_fn, args,
-                                args.seeds[0])]
+            controller = Controller(value, alpha, control.n_steps, radius=radius, target=control.target)
+            runs = [sample_responses(Method("sweep", edit=controller), model, enc, prompts, reward_fn, sampling,
+                                     args.seeds[0])]
             sweep.append(dict(metrics.summarize_runs("sweep", runs, model, enc, grammar), alpha=alpha, bound=bound))
     print(f"sweep of {len(sweep)} settings done ({time.time() - t_start:.0f}s)")
 
-    note = (f"{len(prompts)} held-out prompts x {args.samples_per_prompt} samples x {len(args.seeds)} seeds; "
+    note = (f"{len(prompts)} held-out prompts x {sampling.samples_per_prompt} samples x {len(args.seeds)} seeds; "
             f"{metrics.COHERENCE_NOTE}; KL/token is measured against the base model reading the same context, so it "
             "is 0 by construction for prompting and best-of-N; measuring it costs the state-editing methods one extra "
             "LM-head product per token, inside their time; reward calls count only the method's own calls.")
@@ -195,7 +193,7 @@ def main(argv=None):
     if os.path.exists(history_path(args.value)):
         with open(history_path(args.value)) as f:
             history = json.load(f)
-    plots = plot_all(args.out_dir, sweep, summaries, along, history, "grammatical" if toy else "perplexity")
+    plots = plot_all(args.out_dir, sweep, summaries, along, history, "grammatical" if grammar else "perplexity")
     print("\n" + metrics.markdown_table(summaries, TABLE) + f"\n\n{note}")
     print(f"\nwrote {args.out_dir}/table.md, table.csv, sweep.json" + "".join(f", {os.path.basename(p)}" for p in plots)
           + f" in {time.time() - t_start:.0f}s")

@@ -1,17 +1,56 @@
 """
-The controller of RE-Control (docs/method.md, E7) and the choice of its strength.
+The controller of RE-Control (docs/method.md, E7): at every decoding step, gradient ascent on the value
+V_phi(o_t + u) moves the newest state o_t by u before the LM head reads it (E3).
 
-- Controller: at every decoding step, gradient ascent on the value V_phi(o_t + u) moves the newest state o_t by u
-  before the LM head reads it (E3). It plugs into model.generate as `edit`, so plain and controlled sampling share
-  one loop, and u never enters the KV cache.
-- calibrate_control: how far the control may move the state, chosen on validation prompts.
+It plugs into generate.sample as its `edit`, so plain and controlled sampling share one loop, and u never enters
+the KV cache. How strong it may be (the radius) is chosen on validation prompts by train_value.py.
 """
 
 import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from model import generate
+# -----------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class ControlConfig:
+    """The settings of E7 (see Controller). The paper's: alpha = 0.5, n = 30, no radius, no target."""
+    step_size: float = 0.5  # alpha
+    n_steps: int = 30  # n
+    l2: float = 0.0  # lambda of E4/E7, the penalty on ||u||^2
+    radius: float | None = None  # ||u|| <= radius * ||o_t||; None: no limit
+    target: float | None = None  # a row stops climbing once V(o_t + u) >= target; None: always n steps
+
+    @classmethod
+    def chosen(cls, stored, step_size=None, n_steps=None, radius=None, target="auto", l2=0.0):
+        """The settings given here (the command line's), else those calibrated with V and `stored` in its
+        checkpoint by train_value.py, else the paper's. target: a number, "none", or "auto" (the stored one)."""
+        paper = cls()
+        if target == "auto":
+            target = stored.get("target")
+        elif target == "none":
+            target = None
+        else:
+            try:
+                target = float(target)
+            except (TypeError, ValueError):
+                raise ValueError(f"the target must be a number, 'none' or 'auto', got {target!r}") from None
+        return cls(step_size=step_size if step_size is not None else stored.get("step_size", paper.step_size),
+                   n_steps=n_steps if n_steps is not None else stored.get("n_steps", paper.n_steps), l2=l2,
+                   radius=radius if radius is not None else stored.get("radius"), target=target)
+
+    def with_total(self, total):
+        """The same control with alpha * n = total (n kept, at least 1): the strength a sweep varies."""
+        n = max(self.n_steps, 1)
+        return replace(self, step_size=total / n, n_steps=n)
+
+    def __str__(self):
+        target = "none" if self.target is None else f"{self.target:+.3f}"
+        return f"alpha {self.step_size:g}, n {self.n_steps}, target V {target}, radius {self.radius}"
+
 
 # -----------------------------------------------------------------------------
 # the controller
@@ -43,6 +82,10 @@ class Controller:
         self.radius, self.target = radius, target
         self.steps_taken = 0  # with a target: ascent steps summed over rows and calls, what the early stop saves
 
+    @classmethod
+    def from_config(cls, value, config):
+        return cls(value, **asdict(config))
+
     def control(self, o):
         """u (B, C) for states o (B, C)."""
         o = o.detach().float()
@@ -71,55 +114,3 @@ class Controller:
         if self.n_steps == 0 or self.step_size == 0:
             return o  # exactly the base model
         return (o.float() + self.control(o)).to(o.dtype)  # E3: the head reads o_t + u_t
-
-
-# -----------------------------------------------------------------------------
-# choosing the strength of the control on validation prompts
-
-RADII = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)  # radius * ||o|| tried by calibrate_control
-
-
-def calibrate_control(model, enc, prompts, value, reward_fn, step_size=3.2, n_steps=20, target=None, kl_budget=0.1,
-                      is_grammatical=None, min_grammar_ratio=0.95, samples_per_prompt=16, batch_size=64,
-                      max_new_tokens=32, temperature=1.0, top_k=None, top_p=None, stop_strings=(), seed=0,
-                      radii=RADII, log=print):
-    """Choose how far E7 may move the state, on validation prompts: the largest radius (||u|| <= radius * ||o||),
-    tried smallest first, whose mean per-token KL from the base model stays within `kl_budget` (and, with a
-    grammar check, whose grammatical fraction stays >= min_grammar_ratio x the base model's).
-    Returns (radius or None when even the smallest breaks the budget, the curve it came from).
-
-    The radius, not alpha, is the knob: alpha * grad V moves the state by an amount that depends on how steep this
-    particular V is (and so on the machine and the seed that trained it), while the radius is a distance in the
-    state's own units. The prompts must be validation prompts (never the test prompts): this is a choice of a
-    hyper-parameter. The sweep stops at the first radius over budget, so a noisy pass further on is never taken.
-    """
-    jobs = [enc.encode(p, allowed_special="all") for p in prompts for _ in range(samples_per_prompt)]
-    job_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-
-    def sample(edit):
-        texts, kls = [], []
-        for b in range(0, len(jobs), batch_size):
-            out = generate(model, jobs[b:b + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, stop_strings=stop_strings, tokenizer=enc, seed=seed * 1_000_003 + b,
-                           edit=edit, record_kl=True)
-            texts += out.texts
-            kls += out.kl
-        point = {"kl": sum(kls) / len(kls), "reward": reward_fn(job_prompts, texts).float().mean().item()}
-        if is_grammatical is not None:
-            point["grammatical"] = sum(map(is_grammatical, texts)) / len(texts)
-        return point
-
-    base = sample(None)
-    curve, chosen = [{"radius": 0, **base, "ok": True}], None
-    for radius in radii:
-        point = sample(Controller(value, step_size, n_steps, radius=radius, target=target))
-        point["ok"] = point["kl"] <= kl_budget and (is_grammatical is None or
-                                                    point["grammatical"] >= min_grammar_ratio * base["grammatical"])
-        curve.append({"radius": radius, **point})
-        grammar = f", grammatical {point['grammatical']:.1%}" if is_grammatical else ""
-        log(f"calibration: radius {radius:<4g} | reward {point['reward']:+.3f} (base {base['reward']:+.3f}) | "
-            f"KL/token {point['kl']:.3f}{grammar} | {'within budget' if point['ok'] else 'over budget: stop'}")
-        if not point["ok"]:
-            break
-        chosen = radius
-    return chosen, curve

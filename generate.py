@@ -1,31 +1,197 @@
 """
-Sample with and without RE-Control, side by side, with the reward and the value of every response (E8).
+Sampling: the language model run as the dynamical system of E1-E3, with or without a control, and the command line
+that puts the base model and RE-Control side by side (E8).
 
-    python generate.py --model toy --prompts toy-test --reward toy --value out/toyworld/value.pt
+- `sample` is the one decoding loop that every method shares: prefill the prompt (E1), then at every step read
+  the state o_t, let a plug-in edit it (E3: RE-Control, static editing) or re-score the logits (reward-guided
+  decoding), draw the next token (E2), and feed the token, never the edit, back into the KV cache (E1).
+- `Method` and `sample_responses` run one way of sampling over prompts and seeds; `evaluate_methods` makes the
+  table of rewards and fluency of several of them.
+
+    python generate.py      # the embedded toy world: its base model and test prompts; with --value, RE-Control too
+    python generate.py --model toy --value out/toyworld/value.pt --out generations.jsonl
     python generate.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --value gpt2_value.pt \\
-        --step-size 0.5 --n-steps 30 --out generations.jsonl
+        --step-size 0.5 --n-steps 30
 """
 
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 import metrics
-import toyworld
 from baselines import CountingReward
-from model import generate
-from control import Controller
-from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
-                   load_reward, run_cli)
+from cli import add_control_arguments, add_sampling_arguments, add_task_arguments, run_cli
+from control import ControlConfig, Controller
+from model import left_pad
+from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
+from tokenizer import end_of_sequence_ids
 from value import load_value
+
+# -----------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are drawn. The loop reads the first six; the last two say how many and how many at once."""
+    max_new_tokens: int | None = None  # longest response; None: chosen from the context by tasks.check_prompts_fit
+    temperature: float = 1.0  # tau of E2; 0 is greedy
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p (the nucleus)
+    stop: tuple = ()  # strings that end a response (e.g. "Human:")
+    eos_ids: tuple | None = None  # tokens that end a response; None: the checkpoint's, else the tokenizer's
+    samples_per_prompt: int = 1
+    batch_size: int = 64  # responses sampled together
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of an argparse namespace built with cli.add_sampling_arguments."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+@dataclass
+class Generation:
+    tokens: list  # per row, the response token ids, cut before EOS / the stop string
+    texts: list  # per row, the decoded response (None without a tokenizer)
+    states: list | None = None  # per row, o_0 ... o_T (T+1, C) when record_states was asked for
+    kl: list | None = None  # per row, the mean per-token KL from the base model when record_kl was asked for
+
+
+# -----------------------------------------------------------------------------
+# one step: logits -> next token
+
+
+def next_token(logits, temperature, top_k, top_p, generator):
+    """E2: y ~ softmax(logits / tau), optionally truncated to the top-k tokens or the top-p nucleus."""
+    logits = logits.float()  # (B, vocab)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def kl_divergence(logits, base_logits, temperature):
+    """KL(p || p_base) per row between the sampling distribution and the base model's, at temperature tau."""
+    tau = temperature or 1.0
+    logp, logq = (logits.float() / tau).log_softmax(-1), (base_logits.float() / tau).log_softmax(-1)
+    return (logp.exp() * (logp - logq)).nan_to_num().sum(-1)  # tokens removed from p (logp = -inf) add 0
+
+
+def cut_at_stop(tokens, enc, stop_strings):
+    """The longest token prefix whose text ends before the first stop string (None: no stop string in it)."""
+    text = enc.decode(tokens)
+    hits = [text.find(s) for s in stop_strings if s in text]
+    if not hits:
+        return None
+    end = min(hits)
+    n = len(tokens)
+    while n and len(enc.decode(tokens[:n])) > end:
+        n -= 1
+    return n
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+@torch.no_grad()
+def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore=None, record_states=False,
+           record_kl=False):
+    """Sample one response for each prompt (a list of token ids), all in one batch, with a preallocated KV cache.
+
+    config: a SamplingConfig. edit, when given, maps the newest state o_t (B, C) to o_t + u_t before the head (E3);
+    the cache never sees it. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step
+    from the response tokens so far (B, t) and the cache (reward-guided decoding). record_states keeps o_0 ... o_T
+    of every response (E1); record_kl the mean per-token KL from the base model's next-token distribution.
+    A response ends at an end-of-sequence token (config.eos_ids) or at a stop string.
+    """
+    n_new = config.max_new_tokens
+    if n_new is None or n_new < 0:
+        raise ValueError(f"max_new_tokens must be a number >= 0, got {n_new} (tasks.check_prompts_fit chooses one)")
+    if config.stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer to read the text")
+    device = model.wte.weight.device
+    eos_ids = config.eos_ids
+    if eos_ids is None:  # the checkpoint's own, else the end-of-sequence specials the tokenizer knows
+        eos_ids = model.config.eos_token_ids or (end_of_sequence_ids(tokenizer) if tokenizer is not None else [])
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+
+    # E1, the prefill: one forward pass over the prompts fills the cache (h_0) and gives o_0 at each last token
+    idx, attention_mask = left_pad(prompts, device)  # (B, P), padded on the left so every row ends together
+    B, P = idx.shape
+    if P + n_new > model.config.block_size:
+        raise ValueError(f"a prompt of {P} tokens plus {n_new} new tokens exceeds the context of "
+                         f"{model.config.block_size}; shorten the prompt or lower max_new_tokens")
+    cache = model.new_cache(B, P + n_new)
+    o = model.states(idx, cache, attention_mask)[:, -1]  # (B, C): o_0
+
+    out = torch.zeros(B, n_new, dtype=torch.long, device=device)  # the response tokens
+    kl = torch.zeros(B, n_new, device=device)  # KL from the base model at every step
+    length = torch.full((B,), n_new, dtype=torch.long, device=device)  # response tokens kept per row
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose response has ended
+    trajectory = [o]  # o_0, o_1, ... (kept for record_states)
+    steps = 0
+    for t in range(n_new):
+        # E2 without a control: logits W o_t. E3 with one: W (o_t + u_t), the edit computed from o_t alone.
+        base_logits = model.head(o) if edit is None or record_kl else None  # the base model's, for the KL
+        logits = model.head(edit(o)) if edit is not None else base_logits  # (B, vocab)
+        if rescore is not None:  # reward-guided decoding re-scores candidate tokens (baselines.py)
+            logits = rescore(logits, out[:, :t], cache)
+        if record_kl and logits is not base_logits:  # sampling from the base model itself: KL stays 0
+            kl[:, t] = kl_divergence(logits, base_logits, config.temperature)
+        # E2: draw y_{t+1} from the (edited) distribution
+        y = next_token(logits, config.temperature, config.top_k, config.top_p, generator)  # (B,)
+        out[:, t] = y
+        steps = t + 1
+        # a row ends at its first end-of-sequence token, which is not part of the response...
+        ended = ~done & torch.isin(y, eos)
+        length[ended] = t
+        done |= ended
+        # ...or where its text first contains a stop string (the response is cut before it)
+        if config.stop:
+            for i in (~done).nonzero().flatten().tolist():
+                n = cut_at_stop(out[i, :t + 1].tolist(), tokenizer, config.stop)
+                if n is not None:
+                    length[i], done[i] = n, True
+        if bool(done.all()) or (t == n_new - 1 and not record_states):
+            break  # the last state o_T is only needed when the states are recorded
+        # E1: the token, not the edit, enters the memory: (h_{t+1}, o_{t+1}) = f_LM(h_t, y_{t+1})
+        o = model.states(y[:, None], cache)[:, -1]  # (B, C)
+        trajectory.append(o)
+
+    tokens = [out[i, :length[i]].tolist() for i in range(B)]
+    texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else [None] * B
+    generation = Generation(tokens=tokens, texts=texts)
+    if record_states:
+        stacked = torch.stack(trajectory, dim=1)  # (B, steps+1, C)
+        generation.states = [stacked[i, :length[i] + 1] for i in range(B)]  # o_0 ... o_T of each response
+    if record_kl:  # every decision of the response counts, the one that ended it included
+        generation.kl = [kl[i, :min(int(length[i]) + 1, steps)].mean().item() for i in range(B)]
+    return generation
+
+
+# -----------------------------------------------------------------------------
+# methods over prompts and seeds
 
 
 @dataclass
 class Method:
-    """A way to sample: the base model, or it with one of the plug-ins of model.generate (see baselines.py)."""
+    """A way to sample: the base model, or it with one of the plug-ins of `sample` (see baselines.py)."""
     name: str
     edit: object = None  # o_t -> o_t + u_t (RE-Control, static editing)
     guide: object = None  # (prompts, counting reward) -> a rescore hook (reward-guided decoding)
@@ -33,25 +199,23 @@ class Method:
     best_of: int = 1  # N of best-of-N: the reward keeps the best of N samples
 
 
-def sample_with(method, model, enc, prompts, reward_fn, args, seed, record_states=False):
-    """One response per (prompt, sample) with `method`.
+def sample_responses(method, model, enc, prompts, reward_fn, config, seed, record_states=False):
+    """config.samples_per_prompt responses per prompt with `method`, config.batch_size at a time.
 
     Returns rows (prompt, response, tokens, reward, kl, states) and the method's cost: seconds of sampling,
     tokens generated (discarded best-of-N samples included) and its own reward calls (not the final scoring).
     """
     counting = CountingReward(reward_fn)
-    jobs = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    jobs = [p for p in prompts for _ in range(config.samples_per_prompt)]
     rows, seconds, n_tokens = [], 0.0, 0
-    for b in range(0, len(jobs), args.batch_size):
-        batch = jobs[b:b + args.batch_size]
+    for b in range(0, len(jobs), config.batch_size):
+        batch = jobs[b:b + config.batch_size]
         expanded = [p for p in batch for _ in range(method.best_of)]
         ids = [enc.encode(method.instruction + p, allowed_special="all") for p in expanded]
         t0 = time.perf_counter()
-        out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, stop_strings=args.stop, tokenizer=enc,
-                       seed=seed * 1_000_003 + b, edit=method.edit,
-                       rescore=method.guide(expanded, counting) if method.guide else None,
-                       record_kl=True, record_states=record_states)
+        out = sample(model, ids, config, tokenizer=enc, seed=seed * 1_000_003 + b, edit=method.edit,
+                     rescore=method.guide(expanded, counting) if method.guide else None,
+                     record_kl=True, record_states=record_states)
         chosen = list(range(len(batch)))
         if method.best_of > 1:
             scores = counting(expanded, out.texts).view(len(batch), method.best_of)
@@ -66,24 +230,54 @@ def sample_with(method, model, enc, prompts, reward_fn, args, seed, record_state
     return rows, {"seconds": seconds, "tokens": n_tokens, "reward_calls": counting.calls}
 
 
-def control_settings(args, stored):
-    """(alpha, n, target, radius) of E7: the command line's where given, else those calibrated with V
-    (train_value.py), else the paper's alpha = 0.5, n = 30 without a target or a radius."""
-    step_size = args.step_size if args.step_size is not None else stored.get("step_size", 0.5)
-    n_steps = args.n_steps if args.n_steps is not None else stored.get("n_steps", 30)
-    radius = args.radius if args.radius is not None else stored.get("radius")
-    if args.target == "auto":
-        return step_size, n_steps, stored.get("target"), radius
-    if args.target == "none":
-        return step_size, n_steps, None, radius
-    try:
-        return step_size, n_steps, float(args.target), radius
-    except ValueError:
-        raise ValueError(f"--target must be a number, 'none' or 'auto', got {args.target!r}") from None
+def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, value=None, is_grammatical=None):
+    """Every method on every prompt for every seed (E8). Returns one summary row per method (metrics.summarize_runs)
+    and every response as a record: method, seed, prompt, response, reward, KL, and with `value` the values of
+    the response's first and last states, with `is_grammatical` the toy grammar's verdict."""
+    summaries, records = [], []
+    for method in methods:
+        runs = [sample_responses(method, model, enc, prompts, reward_fn, config, seed, record_states=value is not None)
+                for seed in seeds]
+        summaries.append(metrics.summarize_runs(method.name, runs, model, enc, is_grammatical))
+        for seed, (rows, _) in zip(seeds, runs):
+            for row in rows:
+                record = {"method": method.name, "seed": seed, "prompt": row["prompt"], "response": row["response"],
+                          "reward": row["reward"], "kl": row["kl"]}
+                if value is not None:  # the value of the first and the last state of the response
+                    with torch.no_grad():
+                        record["value_start"], record["value_end"] = value(row["states"][[0, -1]]).tolist()
+                if is_grammatical is not None:
+                    record["grammatical"] = is_grammatical(row["response"])
+                records.append(record)
+    return summaries, records
 
 
 TABLE = ["method", "reward", "reward_sd_seeds", "reward_sd_responses", "grammatical", "perplexity", "diversity", "kl",
          "tokens_per_s"]
+
+
+def print_report(summaries, records=(), examples=0):
+    """The table; with a base model and one other method, the gain in units of the base model's spread;
+    the first `examples` prompts' responses of the first seed, method beside method."""
+    print(metrics.markdown_table(summaries, TABLE))
+    if len(summaries) == 2 and summaries[0]["method"] == "base":
+        base, other = summaries
+        gain = other["reward"] - base["reward"]
+        print(f"gain {gain:+.3f} = {gain / max(base['reward_sd_responses'], 1e-9):.2f} sd of the base model's "
+              f"per-response reward; seed-to-seed spread {max(base['reward_sd_seeds'], other['reward_sd_seeds']):.3f}")
+    first_seed = records[0]["seed"] if records else None
+    shown = list(dict.fromkeys(r["prompt"] for r in records))[:examples]
+    for prompt in shown:
+        print(f"\n{prompt}")
+        for r in records:
+            if r["prompt"] == prompt and r["seed"] == first_seed:
+                print(f"  {r['method']:>12} {r['reward']:+.2f}  {r['response']!r}")
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    print(f"wrote {len(records)} responses to {path}")
 
 
 def main(argv=None):
@@ -91,18 +285,11 @@ def main(argv=None):
     add_task_arguments(parser, prompts="toy-test")
     add_sampling_arguments(parser)
     parser.add_argument("--value", default=None, help="value checkpoint from train_value.py (none: base model only)")
-    parser.add_argument("--step-size", type=float, default=None,
-                        help="alpha of E7 (default: the one train_value.py calibrated and stored with V, else 0.5)")
-    parser.add_argument("--n-steps", type=int, default=None,
-                        help="gradient steps n of E7 per token (default: as calibrated with V, else 30)")
-    parser.add_argument("--target", default="auto",
-                        help="stop the ascent once V reaches this value: a number, 'none', or 'auto' (stored with V)")
-    parser.add_argument("--l2", type=float, default=0.0, help="lambda of E4/E7, the penalty on ||u||^2")
-    parser.add_argument("--radius", type=float, default=None,
-                        help="keep ||u|| <= radius * ||o_t|| (default: as calibrated with V; inf: no limit)")
+    add_control_arguments(parser)
     parser.add_argument("--sweep", type=float, nargs="*", default=None,
                         help="instead of one setting, run each alpha*n given here (n, radius and target as set)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds; the table averages them")
+    parser.add_argument("--examples", type=int, default=3, help="prompts whose responses are printed")
     parser.add_argument("--out", default=None, help="write every response as a JSON line here")
     args = parser.parse_args(argv)
     if args.sweep is not None and not args.value:
@@ -111,48 +298,26 @@ def main(argv=None):
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    args.max_new_tokens = check_prompts_fit(model, enc, prompts, args.max_new_tokens)
+    config = SamplingConfig.from_args(args)
+    config.max_new_tokens = check_prompts_fit(model, enc, prompts, config.max_new_tokens)
     methods = [Method("base")] if args.sweep is None else []
     value = None
     if args.value:
         value, checkpoint = load_value(args.value, model, args.model)
         value = value.to(model.wte.weight.device)
-        step_size, n_steps, target, radius = control_settings(args, checkpoint.get("control") or {})
-        print(f"RE-Control: alpha {step_size:g}, n {n_steps}, target V "
-              f"{'none' if target is None else f'{target:+.3f}'}, radius {radius}")
+        control = ControlConfig.chosen(checkpoint.get("control") or {}, args.step_size, args.n_steps, args.radius,
+                                       args.target, args.l2)
+        print(f"RE-Control: {control}")
         if args.sweep is not None:
-            n = max(n_steps, 1)
-            methods = [Method(f"alpha*n = {total:g}", Controller(value, total / n, n, args.l2, radius, target))
+            methods = [Method(f"alpha*n = {total:g}", Controller.from_config(value, control.with_total(total)))
                        for total in args.sweep]
         else:
-            methods.append(Method("RE-Control", Controller(value, step_size, n_steps, args.l2, radius, target)))
-    toy = args.reward == "toy"  # the toy world: its grammar is checked exactly
-    summaries, written = [], []
-    for method in methods:
-        runs = [sample_with(method, model, enc, prompts, reward_fn, args, seed, record_states=value is not None)
-                for seed in args.seeds]
-        summaries.append(metrics.summarize_runs(method.name, runs, model, enc,
-                                                is_grammatical=toyworld.is_grammatical if toy else None))
-        for seed, (rows, _) in zip(args.seeds, runs):
-            for row in rows:
-                record = {"method": method.name, "seed": seed, "prompt": row["prompt"], "response": row["response"],
-                          "reward": row["reward"], "kl": row["kl"]}
-                if value is not None:  # the value of the first and the last state of the response
-                    with torch.no_grad():
-                        record["value_start"], record["value_end"] = value(row["states"][[0, -1]]).tolist()
-                if toy:
-                    record["grammatical"] = toyworld.is_grammatical(row["response"])
-                written.append(record)
-    print(metrics.markdown_table(summaries, TABLE))
-    if len(summaries) == 2 and args.sweep is None:
-        base, ctrl = summaries
-        gain = ctrl["reward"] - base["reward"]
-        print(f"gain {gain:+.3f} = {gain / max(base['reward_sd_responses'], 1e-9):.2f} sd of the base model's "
-              f"per-response reward; seed-to-seed spread {max(base['reward_sd_seeds'], ctrl['reward_sd_seeds']):.3f}")
+            methods.append(Method("RE-Control", Controller.from_config(value, control)))
+    summaries, records = evaluate_methods(methods, model, enc, prompts, reward_fn, config, args.seeds, value,
+                                          grammar_check(args.reward))
+    print_report(summaries, records, examples=args.examples if args.sweep is None else 0)
     if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in written)
-        print(f"wrote {len(written)} responses to {args.out}")
+        write_jsonl(args.out, records)
     return summaries
 
 

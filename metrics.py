@@ -7,7 +7,7 @@ The paper's evaluation (docs/method.md, E8), each metric a function of its own.
   cannot be downloaded here; the embedding is the mean of the *base model's own* states o_t over the tokens
   of a text, read alone. Said so wherever it is printed;
 - perplexity of the responses under the base model;
-- mean per-token KL from the base model's next-token distribution (recorded by model.generate);
+- mean per-token KL from the base model's next-token distribution (recorded by generate.sample);
 - in the toy world, the exact grammatical fraction (toyworld.is_grammatical);
 - wall time per response and tokens per second.
 """

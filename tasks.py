@@ -13,12 +13,13 @@ import gzip
 import importlib
 import json
 import os
-import sys
 
 import torch
 
-from model import GPT, left_pad, load_tokenizer, resolve_checkpoint
 import toyworld
+from checkpoints import from_pretrained, resolve_checkpoint
+from model import left_pad
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # models
@@ -26,11 +27,11 @@ import toyworld
 
 def load_model(spec, dtype=None, device=None, log=print):
     """(model, tokenizer) for a toy world ("toy", "toy-long", "toy@seed"; toyworld.VARIANTS) or anything
-    GPT.from_pretrained loads."""
+    checkpoints.from_pretrained loads."""
     if toyworld.is_variant(spec):
         model, enc = toyworld.load_variant(spec, log=log)
         return model.to(device) if device else model, enc
-    model = GPT.from_pretrained(spec, dtype=dtype, device=device)
+    model = from_pretrained(spec, dtype=dtype, device=device)
     return model, load_tokenizer(resolve_checkpoint(spec))
 
 
@@ -47,35 +48,6 @@ def check_prompts_fit(model, enc, prompts, max_new_tokens=None):
                          f"that exceeds the model's context of {model.config.block_size}; shorten the prompts or "
                          "lower --max-new-tokens")
     return max_new_tokens
-
-
-def add_task_arguments(parser, prompts="toy-test"):
-    """The flags every script shares: what model, which prompts, which reward."""
-    parser.add_argument("--model", default="toy", help="toy (the embedded default), toy-long, toy@SEED, or a model folder / hub name")
-    parser.add_argument("--prompts", default=prompts, help=f"{prompts}, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
-    parser.add_argument("--reward", default="toy", help="toy, sentiment, rm:<folder>, or module:function")
-    parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
-
-
-def add_sampling_arguments(parser, max_new_tokens=None):
-    """The flags of model.generate's sampling, shared by every script that samples."""
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="keep the nucleus of probability p")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                        help="longest response (default: what the context leaves after the longest prompt, <= 128)")
-    parser.add_argument("--stop", nargs="*", default=[], help="stop strings that end a response (e.g. 'Human:')")
-    parser.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt")
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
-
-
-def run_cli(main):
-    """Run a script's main(); a mistake in its input ends with one line that names it, not a traceback."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        sys.exit(f"error: {e if isinstance(e, OSError) or not e.args else e.args[0]}")
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +126,7 @@ class RewardModel:
     """A sequence-classification model as R: the score of label 0 for prompt + response, in batches."""
 
     def __init__(self, folder, dtype=None, device=None, batch_size=16):
-        self.model = GPT.from_pretrained(folder, dtype=dtype, device=device)
+        self.model = from_pretrained(folder, dtype=dtype, device=device)
         if not self.model.config.n_labels:
             raise ValueError(f"{folder} is a language model, not a reward model; rm: needs a "
                              "GPT2ForSequenceClassification or LlamaForSequenceClassification checkpoint")
@@ -174,6 +146,11 @@ class RewardModel:
 
 
 REWARDS = {"toy": toyworld.reward, "sentiment": english_sentiment}
+
+
+def grammar_check(spec):
+    """The exact fluency check that comes with a reward: the toy world's grammar for "toy", else None."""
+    return toyworld.is_grammatical if spec == "toy" else None
 
 
 def load_reward(spec, device=None):

@@ -11,10 +11,9 @@ The embedded default: a small world in which RE-Control can be run end to end on
 - A small GPT-2-architecture base model from model.py, pretrained here on the CPU and cached under out/.
 - Prompts split into train and test, so the value function is judged on prompts it never saw.
 
-    python toyworld.py            # pretrain (or reuse) the base model and print a few samples
+    python generate.py            # pretrains the base model the first time, then prints samples and their rewards
 """
 
-import argparse
 import json
 import math
 import os
@@ -24,7 +23,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from model import GPT, GPTConfig, byte_encoding, generate, load_tokenizer, save_tokenizer, write_text_atomically
+from checkpoints import from_pretrained, save_pretrained, write_text_atomically
+from model import GPT, GPTConfig
+from tokenizer import byte_encoding, load_tokenizer, save_tokenizer
 
 # -----------------------------------------------------------------------------
 # the language
@@ -219,10 +220,10 @@ def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_conf
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             if json.load(f) == settings:
-                return GPT.from_pretrained(folder), load_tokenizer(folder)
+                return from_pretrained(folder), load_tokenizer(folder)
     log(f"pretraining the toy world's base model into {folder} (once; later runs reuse it)")
     model, enc = pretrain(World(world_config), pretrain_config, log)
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     save_tokenizer(enc, folder)
     write_text_atomically(settings_path, json.dumps(settings))  # written last: a folder without it is retrained
     return model, enc
@@ -249,21 +250,3 @@ def load_variant(spec, log=print):
         raise ValueError(f"model {spec!r}: the pretraining seed after '@' must be a whole number, e.g. {name}@1")
     out_dir, world_config, pretrain_config = VARIANTS[name]
     return base_model(out_dir, world_config, replace(pretrain_config, seed=int(seed or 0)), log)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="toy", help="toy, toy-long, or either with @seed (the pretraining seed)")
-    parser.add_argument("--samples", type=int, default=8, help="responses to print")
-    args = parser.parse_args(argv)
-    world = World()
-    model, enc = load_variant(args.model)
-    prompts = world.test_prompts()[:args.samples]
-    out = generate(model, [enc.encode(p) for p in prompts], max_new_tokens=model.config.block_size - 8, tokenizer=enc,
-                   seed=0)
-    for p, r in zip(prompts, out.texts):
-        print(f"{p}{r!r:70} reward {lexicon_sentiment(r, POSITIVE, NEGATIVE):+.2f} grammatical {is_grammatical(r)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,12 @@
 """
-Train the value function of RE-Control: rollouts from the base model -> rewards -> Bellman training (E6),
-then the strength of the control (E7) chosen on held-out validation prompts and stored with V.
+Train the value function of RE-Control: rollouts of the base model -> rewards -> Bellman training (E6), then the
+strength of the control (E7) chosen on held-out validation prompts and stored with V.
 
 - Rollouts (E1, E6): the base model samples responses and records o_0 ... o_T of each; the reward scores them;
   shards on disk keep them (fp16) for value training, and a long collection resumes where it stopped.
+- Training (E5, E6): TD(lambda) on those trajectories; the epoch whose V best predicts the held-out returns is kept.
+- Calibration (E7): the largest radius ||u|| <= radius * ||o_t|| whose cost in KL (and grammar) stays in budget.
+`build_value` runs the three; the command line and recontrol.py call it.
 
     python train_value.py      # the embedded toy world: its base model, its training prompts, its reward
     python train_value.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --out gpt2_value.pt
@@ -15,33 +18,79 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-import toyworld
-from control import calibrate_control
-from tasks import (add_sampling_arguments, add_task_arguments, check_prompts_fit, load_model, load_prompts,
-                   load_reward, run_cli)
-from model import generate, write_atomically, write_text_atomically
+from checkpoints import write_atomically, write_text_atomically
+from cli import add_sampling_arguments, add_task_arguments, run_cli
+from control import Controller
+from generate import SamplingConfig, sample
+from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
 from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, load_value, save_value
+
+DEFAULT_OUT = "out/toyworld/value.pt"  # the toy world's value, where compare.py looks for it
+
+# -----------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class TrainingConfig:
+    """How V is trained (E6) and which epoch is kept."""
+    method: str = "td"  # td: E6's TD(lambda) with stop-gradient; official: the official code's loss as written
+    lam: float = 1.0  # lambda: 0 is the paper's TD(0), 1 Monte Carlo (the default: it steers, see README)
+    stop_gradient: bool = True  # False: the gradient flows into the TD(lambda) targets too, as the official codes do
+    gamma: float = 1.0  # discount (the paper: 1)
+    epochs: int = 100
+    lr: float = 1e-3  # Adam (the paper: 1e-4 or 1e-3)
+    batch_size: int = 64  # trajectories per step
+    state_noise: float = 0.3  # train on states moved by Gaussian noise of this size relative to ||o|| (0: none)
+    held_out: float = 0.1  # fraction of prompts held out: they choose the epoch and the radius of the control
+    seed: int = 0  # of the split, the initialisation and the batches (rollouts use it too)
+
+    def __post_init__(self):
+        if self.method not in ("td", "official"):
+            raise ValueError(f"method must be 'td' or 'official', got {self.method!r}")
+        if not 0 <= self.held_out < 1:
+            raise ValueError(f"the held-out fraction must be in [0, 1), got {self.held_out}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"lambda must be in [0, 1], got {self.lam}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+
+
+@dataclass
+class CalibrationConfig:
+    """How the strength of E7 is chosen on the held-out prompts (calibrate_control)."""
+    step_size: float = 3.2  # alpha, stored with V
+    n_steps: int = 20  # n, stored with V
+    kl_budget: float = 0.1  # the largest mean per-token KL from the base model the control may cost
+    target_quantile: float | None = None  # also stop the ascent once V reaches this quantile of the training rewards
+    samples_per_prompt: int = 16  # responses per held-out prompt
+
+    def __post_init__(self):
+        if not (self.kl_budget > 0 and self.n_steps > 0 and self.step_size > 0):
+            raise ValueError("the KL budget, the step size and the number of steps must be > 0")
+        if self.target_quantile is not None and not 0 <= self.target_quantile <= 1:
+            raise ValueError(f"the target quantile must be in [0, 1], got {self.target_quantile}")
 
 
 # -----------------------------------------------------------------------------
 # rollouts: states of the base model's own responses, with their rewards (E1, E6)
 
 
-def collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=4, batch_size=64,
-                     max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, stop_strings=(), seed=0,
-                     shard_size=512, log=print):
-    """Sample `samples_per_prompt` responses per prompt with the base model, keep o_0 ... o_T (E1) and R.
+def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, shard_size=512, log=print):
+    """Sample config.samples_per_prompt responses per prompt with the base model, keep o_0 ... o_T (E1) and R.
 
     Shards of `shard_size` responses are written atomically to `folder`; an interrupted collection with the
     same settings resumes at the first missing shard (each shard has its own seed, so results do not depend on
     where it stopped).
     """
-    settings = dict(n_prompts=len(prompts), prompts_head=prompts[:3], samples_per_prompt=samples_per_prompt,
-                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    stop_strings=list(stop_strings), seed=seed, shard_size=shard_size, width=model.config.n_embd)
+    settings = dict(n_prompts=len(prompts), prompts_head=prompts[:3], samples_per_prompt=config.samples_per_prompt,
+                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                    top_p=config.top_p, stop_strings=list(config.stop), seed=seed, shard_size=shard_size,
+                    width=model.config.n_embd)
     os.makedirs(folder, exist_ok=True)
     meta_path = os.path.join(folder, "rollouts.json")
     if os.path.exists(meta_path):
@@ -49,7 +98,7 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=
             if json.load(f)["settings"] != settings:
                 raise ValueError(f"{folder} holds rollouts collected with other settings (model, prompts or "
                                  "sampling); pass another --rollouts folder, or delete this one")
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(samples_per_prompt)]  # (prompt, sample)
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
     n_shards = math.ceil(len(jobs) / shard_size)
     write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
     t0, done = time.time(), 0
@@ -59,11 +108,10 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=
             continue
         shard_jobs = jobs[s * shard_size:(s + 1) * shard_size]
         states, lengths, texts = [], [], []
-        for b in range(0, len(shard_jobs), batch_size):
-            batch = [prompts[i] for i, _ in shard_jobs[b:b + batch_size]]
-            out = generate(model, [enc.encode(p, allowed_special="all") for p in batch], max_new_tokens,
-                           temperature=temperature, top_k=top_k, top_p=top_p, stop_strings=stop_strings,
-                           tokenizer=enc, seed=seed * 1_000_003 + s * 1009 + b, record_states=True)
+        for b in range(0, len(shard_jobs), config.batch_size):
+            batch = [prompts[i] for i, _ in shard_jobs[b:b + config.batch_size]]
+            out = sample(model, [enc.encode(p, allowed_special="all") for p in batch], config, tokenizer=enc,
+                         seed=seed * 1_000_003 + s * 1009 + b, record_states=True)
             states += [x.half().cpu() for x in out.states]
             lengths += [x.shape[0] for x in out.states]
             texts += out.texts
@@ -161,35 +209,35 @@ def kept_epoch(history):
     return [h for h in history if h["kept"]][-1]
 
 
-def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info, method="td", lam=1.0, gamma=1.0,
-          epochs=30, lr=1e-3, batch_size=64, state_noise=0.0, stop_gradient=True, seed=0, log=print):
+def train(rollouts, train_ids, held_out_ids, value_config, config, out, checkpoint_info, log=print):
     """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
     realised return at every state (value.ValueReport), and the epoch with the smallest error is kept
     (atomically): the same yardstick for every method, since a method's own loss can fall while V stays flat.
     The measures of every epoch are written next to the checkpoint. Returns the history; the kept epoch is the
-    last one marked "kept" (kept_epoch)."""
+    last one marked "kept" (kept_epoch). config: a TrainingConfig."""
     if not held_out_ids:
         log("no held-out prompts: the last epoch is kept, and no step size can be calibrated")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     value = ValueFunction(value_config)
-    optimizer = torch.optim.Adam(value.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(value.parameters(), lr=config.lr)
+    loss_settings = (config.method, config.lam, config.gamma, config.stop_gradient)
     best, history, t0 = float("inf"), [], time.time()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, config.epochs + 1):
         value.train()
         total, n = 0.0, 0
-        for states, mask, rewards in rollouts.batches(train_ids, batch_size, seed=seed * 1000 + epoch):
-            if state_noise:  # V must also be right a little off the visited states, where E7 will move them
-                scale = state_noise * states.norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
+        for states, mask, rewards in rollouts.batches(train_ids, config.batch_size, seed=config.seed * 1000 + epoch):
+            if config.state_noise:  # V must also be right a little off the visited states, where E7 will move them
+                scale = config.state_noise * states.norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
                 states = states + scale * torch.randn_like(states)
-            loss = bellman_loss(value, states, mask, rewards, method, lam, gamma, stop_gradient)  # E6
+            loss = bellman_loss(value, states, mask, rewards, *loss_settings)  # E6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, n = total + loss.item() * len(rewards), n + len(rewards)
         value.eval()
         record = {"epoch": epoch, "train_loss": total / max(n, 1),
-                  **evaluate(value, rollouts.batches(held_out_ids, 256), method, lam, gamma, stop_gradient)}
+                  **evaluate(value, rollouts.batches(held_out_ids, 256), *loss_settings)}
         score = record["error"] if held_out_ids else -epoch  # without held-out data: the latest epoch
         record["kept"] = improved = math.isfinite(record["train_loss"]) and score < best
         history.append(record)
@@ -198,114 +246,173 @@ def train(rollouts, train_ids, held_out_ids, value_config, out, checkpoint_info,
             best = score
             save_value(out, value, metrics=record, **checkpoint_info)
         elapsed = time.time() - t0
-        log(f"epoch {epoch:3d}/{epochs} | {method} loss {record['train_loss']:.4f} (held-out "
+        log(f"epoch {epoch:3d}/{config.epochs} | {config.method} loss {record['train_loss']:.4f} (held-out "
             f"{record['held_out_loss']:.4f}) | held-out error of V vs return {record['error']:.4f} "
             f"(constant {record['best_constant']:.4f}), corr {record['corr']:+.3f}, spread {record['spread']:.3f} | "
-            f"ETA {elapsed / epoch * (epochs - epoch):.0f}s{' | kept' if improved else ''}")
+            f"ETA {elapsed / epoch * (config.epochs - epoch):.0f}s{' | kept' if improved else ''}")
     if best == float("inf"):
         raise ValueError(f"no epoch produced a usable value function (losses were not finite); {out} was not "
                          "written. Check the rewards for NaN, and --lr / --gamma")
     return history
 
+# -----------------------------------------------------------------------------
+# choosing the strength of the control on validation prompts (E7)
+
+RADII = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)  # radius * ||o|| tried by calibrate_control
+
+
+def calibrate_control(model, enc, prompts, value, reward_fn, sampling, config, target=None, is_grammatical=None,
+                      min_grammar_ratio=0.95, seed=0, radii=RADII, log=print):
+    """Choose how far E7 may move the state, on validation prompts: the largest radius (||u|| <= radius * ||o||),
+    tried smallest first, whose mean per-token KL from the base model stays within config.kl_budget (and, with a
+    grammar check, whose grammatical fraction stays >= min_grammar_ratio x the base model's).
+    Returns (radius or None when even the smallest breaks the budget, the curve it came from).
+
+    The radius, not alpha, is the knob: alpha * grad V moves the state by an amount that depends on how steep this
+    particular V is (and so on the machine and the seed that trained it), while the radius is a distance in the
+    state's own units. The prompts must be validation prompts (never the test prompts): this is a choice of a
+    hyper-parameter. The sweep stops at the first radius over budget, so a noisy pass further on is never taken.
+    """
+    jobs = [enc.encode(p, allowed_special="all") for p in prompts for _ in range(config.samples_per_prompt)]
+    job_prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
+
+    def measure(edit):
+        texts, kls = [], []
+        for b in range(0, len(jobs), sampling.batch_size):
+            out = sample(model, jobs[b:b + sampling.batch_size], sampling, tokenizer=enc, seed=seed * 1_000_003 + b,
+                         edit=edit, record_kl=True)
+            texts += out.texts
+            kls += out.kl
+        point = {"kl": sum(kls) / len(kls), "reward": reward_fn(job_prompts, texts).float().mean().item()}
+        if is_grammatical is not None:
+            point["grammatical"] = sum(map(is_grammatical, texts)) / len(texts)
+        return point
+
+    base = measure(None)
+    curve, chosen = [{"radius": 0, **base, "ok": True}], None
+    for radius in radii:
+        point = measure(Controller(value, config.step_size, config.n_steps, radius=radius, target=target))
+        point["ok"] = point["kl"] <= config.kl_budget and (
+            is_grammatical is None or point["grammatical"] >= min_grammar_ratio * base["grammatical"])
+        curve.append({"radius": radius, **point})
+        grammar = f", grammatical {point['grammatical']:.1%}" if is_grammatical else ""
+        log(f"calibration: radius {radius:<4g} | reward {point['reward']:+.3f} (base {base['reward']:+.3f}) | "
+            f"KL/token {point['kl']:.3f}{grammar} | {'within budget' if point['ok'] else 'over budget: stop'}")
+        if not point["ok"]:
+            break
+        chosen = radius
+    return chosen, curve
+
+
+# -----------------------------------------------------------------------------
+# the whole job: rollouts -> V -> the strength of its control
+
+
+def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config, training,
+                calibration, model_id, log=print):
+    """Collect rollouts of `model` on `prompts` scored by the reward `reward_name` (into rollouts_folder), train V
+    on them (TrainingConfig), calibrate its control on the held-out prompts (CalibrationConfig) and save it all to
+    `out`. sampling: a SamplingConfig with max_new_tokens set. Returns (V, the checkpoint dict, the history)."""
+    reward_fn = load_reward(reward_name, device=model.wte.weight.device)
+    log(f"rollouts: {sampling.samples_per_prompt} responses for each of {len(prompts)} prompts in {rollouts_folder}")
+    collect_rollouts(model, enc, prompts, reward_fn, rollouts_folder, sampling, seed=training.seed, log=log)
+    ids = list(range(len(prompts)))
+    random.Random(training.seed).shuffle(ids)
+    n_held = round(len(ids) * training.held_out)
+    held_out_ids, train_ids = ids[:n_held], ids[n_held:]
+    info = dict(base_model_id=model_id, model=model, reward_name=reward_name,
+                train_args={"rollouts": rollouts_folder, "prompts": len(prompts), "sampling": asdict(sampling),
+                            "training": asdict(training), "calibration": asdict(calibration)})
+    name = "the official loss" if training.method == "official" else (
+        f"TD(lambda = {training.lam:g}){'' if training.stop_gradient else ' without stop-gradient'}")
+    log(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({name}, gamma {training.gamma})")
+    rollouts = Rollouts(rollouts_folder)
+    history = train(rollouts, train_ids, held_out_ids, value_config, training, out, info, log=log)
+    best = kept_epoch(history)
+    log(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
+        f"for the best constant, correlation with the return {best['corr']:+.3f}")
+    value, checkpoint = load_value(out, model, model_id)
+    if held_out_ids:
+        target = None
+        if calibration.target_quantile is not None:
+            target = rollouts.reward_quantile(train_ids, calibration.target_quantile)
+        log(f"choosing how far the control may move the state, on the {len(held_out_ids)} held-out prompts (alpha "
+            f"{calibration.step_size:g}, n {calibration.n_steps}, target V "
+            f"{'none' if target is None else f'{target:+.3f}'}, KL budget {calibration.kl_budget}/token)")
+        radius, curve = calibrate_control(
+            model, enc, [prompts[i] for i in held_out_ids], value.to(model.wte.weight.device), reward_fn, sampling,
+            calibration, target=target, is_grammatical=grammar_check(reward_name), seed=training.seed + 1, log=log)
+        checkpoint["control"] = {"step_size": calibration.step_size if radius else 0.0, "n_steps": calibration.n_steps,
+                                 "radius": radius, "target": target, "kl_budget": calibration.kl_budget,
+                                 "curve": curve}
+        save_value(out, value, metrics=checkpoint["metrics"], control=checkpoint["control"], **info)
+        if radius is None:
+            log(f"even the smallest radius costs more than the KL budget: the control is off by default in {out}")
+        else:
+            log(f"radius {radius:g} stored in {out}; generate.py uses it unless given --radius")
+    log(f"value checkpoint: {out}")
+    return value, checkpoint, history
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_arguments(parser, prompts="toy-train")
-    add_sampling_arguments(parser, max_new_tokens=None)
-    parser.set_defaults(samples_per_prompt=48)
-    parser.add_argument("--out", default="out/toyworld/value.pt", help="the value checkpoint to write")
+    add_sampling_arguments(parser, samples_per_prompt=48)
+    parser.add_argument("--out", default=DEFAULT_OUT, help="the value checkpoint to write")
     parser.add_argument("--rollouts", default=None, help="folder for the rollout shards (default: next to --out)")
-    parser.add_argument("--method", choices=["td", "official"], default="td",
+    training, calibration = TrainingConfig(), CalibrationConfig()
+    parser.add_argument("--method", choices=["td", "official"], default=training.method,
                         help="td: E6's TD(lambda) with stop-gradient; official: the official code's loss as written")
-    parser.add_argument("--lam", type=float, default=1.0,
+    parser.add_argument("--lam", type=float, default=training.lam,
                         help="lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the default: it steers, "
                              "see README)")
     parser.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_false",
                         help="let the gradient flow into the TD(lambda) targets too, as the official codes do")
-    parser.add_argument("--gamma", type=float, default=1.0, help="discount of E6 (the paper: 1)")
-    parser.add_argument("--epochs", type=int, default=100, help="passes over the training rollouts")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-4 or 1e-3)")
-    parser.add_argument("--train-batch-size", type=int, default=64, help="trajectories per training step")
+    parser.add_argument("--gamma", type=float, default=training.gamma, help="discount of E6 (the paper: 1)")
+    parser.add_argument("--epochs", type=int, default=training.epochs, help="passes over the training rollouts")
+    parser.add_argument("--lr", type=float, default=training.lr, help="Adam learning rate (paper: 1e-4 or 1e-3)")
+    parser.add_argument("--train-batch-size", type=int, default=training.batch_size,
+                        help="trajectories per training step")
+    parser.add_argument("--state-noise", type=float, default=training.state_noise,
+                        help="train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)")
+    parser.add_argument("--held-out", type=float, default=training.held_out,
+                        help="fraction of prompts held out: they choose the epoch and the radius of the control")
+    parser.add_argument("--seed", type=int, default=training.seed, help="seed of sampling, the split and training")
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
-    parser.add_argument("--state-noise", type=float, default=0.3,
-                        help="train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)")
-    parser.add_argument("--held-out", type=float, default=0.1,
-                        help="fraction of prompts held out: they choose the epoch and the radius of the control")
-    parser.add_argument("--step-size", type=float, default=3.2, help="alpha of E7 stored with V (calibration uses it)")
-    parser.add_argument("--n-steps", type=int, default=20, help="n of E7 stored with V (calibration uses it)")
-    parser.add_argument("--kl-budget", type=float, default=0.1,
+    parser.add_argument("--step-size", type=float, default=calibration.step_size,
+                        help="alpha of E7 stored with V (calibration uses it)")
+    parser.add_argument("--n-steps", type=int, default=calibration.n_steps,
+                        help="n of E7 stored with V (calibration uses it)")
+    parser.add_argument("--kl-budget", type=float, default=calibration.kl_budget,
                         help="calibration: the largest mean per-token KL from the base model the control may cost")
-    parser.add_argument("--target-quantile", type=float, default=None,
+    parser.add_argument("--target-quantile", type=float, default=calibration.target_quantile,
                         help="also stop the ascent once V reaches this quantile of the training rewards (e.g. 0.9; "
                              "default: no target)")
-    parser.add_argument("--calibration-samples", type=int, default=16, help="responses per held-out prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the split and training")
+    parser.add_argument("--calibration-samples", type=int, default=calibration.samples_per_prompt,
+                        help="responses per held-out prompt")
     args = parser.parse_args(argv)
-    if not 0 <= args.held_out < 1:
-        parser.error(f"--held-out must be in [0, 1), got {args.held_out}")
-    if not 0 <= args.lam <= 1:
-        parser.error(f"--lam must be in [0, 1], got {args.lam}")
-    if not 0 < args.gamma <= 1:
-        parser.error(f"--gamma must be in (0, 1], got {args.gamma}")
-    if not (args.kl_budget > 0 and args.n_steps > 0 and args.step_size > 0):
-        parser.error("--kl-budget, --step-size and --n-steps must be > 0")
-    if args.target_quantile is not None and not 0 <= args.target_quantile <= 1:
-        parser.error(f"--target-quantile must be in [0, 1], got {args.target_quantile}")
+    try:  # every setting is checked before any work
+        training = TrainingConfig(method=args.method, lam=args.lam, stop_gradient=args.stop_gradient,
+                                  gamma=args.gamma, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.train_batch_size, state_noise=args.state_noise,
+                                  held_out=args.held_out, seed=args.seed)
+        calibration = CalibrationConfig(step_size=args.step_size, n_steps=args.n_steps, kl_budget=args.kl_budget,
+                                        target_quantile=args.target_quantile,
+                                        samples_per_prompt=args.calibration_samples)
+    except ValueError as e:
+        parser.error(str(e))
 
-    reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    args.max_new_tokens = check_prompts_fit(model, enc, prompts, args.max_new_tokens)
-    folder = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
-    print(f"rollouts: {args.samples_per_prompt} responses for each of {len(prompts)} prompts in {folder}")
-    collect_rollouts(model, enc, prompts, reward_fn, folder, samples_per_prompt=args.samples_per_prompt,
-                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_strings=args.stop,
-                     seed=args.seed)
-    ids = list(range(len(prompts)))
-    random.Random(args.seed).shuffle(ids)
-    n_held = round(len(ids) * args.held_out)
-    held_out_ids, train_ids = ids[:n_held], ids[n_held:]
+    sampling = SamplingConfig.from_args(args)
+    sampling = replace(sampling, max_new_tokens=check_prompts_fit(model, enc, prompts, sampling.max_new_tokens))
     value_config = ValueConfig(n_embd=model.config.n_embd, n_hidden=args.hidden_layers, width=args.width,
                                activation=args.activation)
-    info = dict(base_model_id=args.model, model=model, reward_name=args.reward, train_args=vars(args))
-    name = "the official loss" if args.method == "official" else (
-        f"TD(lambda = {args.lam:g}){'' if args.stop_gradient else ' without stop-gradient'}")
-    print(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({name}, gamma {args.gamma})")
-    rollouts = Rollouts(folder)
-    history = train(rollouts, train_ids, held_out_ids, value_config, args.out, info, method=args.method,
-                    lam=args.lam, gamma=args.gamma, epochs=args.epochs, lr=args.lr,
-                    batch_size=args.train_batch_size, state_noise=args.state_noise,
-                    stop_gradient=args.stop_gradient, seed=args.seed)
-    best = kept_epoch(history)
-    print(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
-          f"for the best constant, correlation with the return {best['corr']:+.3f}")
-    if held_out_ids:
-        target = None
-        if args.target_quantile is not None:
-            target = rollouts.reward_quantile(train_ids, args.target_quantile)
-        value, _ = load_value(args.out, model, args.model)
-        print(f"choosing how far the control may move the state, on the {len(held_out_ids)} held-out prompts "
-              f"(alpha {args.step_size:g}, n {args.n_steps}, target V {'none' if target is None else f'{target:+.3f}'}"
-              f", KL budget {args.kl_budget}/token)")
-        radius, curve = calibrate_control(
-            model, enc, [prompts[i] for i in held_out_ids], value.to(model.wte.weight.device), reward_fn,
-            step_size=args.step_size, n_steps=args.n_steps, target=target, kl_budget=args.kl_budget,
-            is_grammatical=toyworld.is_grammatical if args.reward == "toy" else None,
-            samples_per_prompt=args.calibration_samples, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            stop_strings=args.stop, seed=args.seed + 1)
-        control = {"step_size": args.step_size if radius else 0.0, "n_steps": args.n_steps, "radius": radius,
-                   "target": target, "kl_budget": args.kl_budget, "curve": curve}
-        checkpoint = torch.load(args.out, weights_only=True)
-        save_value(args.out, value, metrics=checkpoint["metrics"], control=control, **info)
-        if radius is None:
-            print(f"even the smallest radius costs more than the KL budget: the control is off by default in {args.out}")
-        else:
-            print(f"radius {radius:g} stored in {args.out}; generate.py uses it unless given --radius")
-    print(f"value checkpoint: {args.out}")
+    rollouts = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
+    _, _, history = build_value(model, enc, prompts, args.reward, args.out, rollouts, sampling, value_config, training,
+                                calibration, args.model)
     return history
 
 

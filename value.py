@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 
-from model import write_atomically
+from checkpoints import write_atomically
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

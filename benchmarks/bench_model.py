@@ -14,7 +14,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, generate  # noqa: E402
+from checkpoints import from_pretrained  # noqa: E402
+from generate import SamplingConfig, sample  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -44,7 +45,7 @@ def main(argv=None):
     ref = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
-        ours = GPT.from_pretrained(folder, dtype=args.dtype)
+        ours = from_pretrained(folder, dtype=args.dtype)
     ref.to(ours.wte.weight.dtype)
     print(f"GPT-2 small, random weights, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
@@ -53,7 +54,7 @@ def main(argv=None):
         n = args.new_tokens
 
         def ours_generate():
-            generate(ours, prompt.tolist(), max_new_tokens=n, temperature=0, eos_ids=[])
+            sample(ours, prompt.tolist(), SamplingConfig(max_new_tokens=n, temperature=0, eos_ids=[]))
 
         def hf_generate():
             with torch.no_grad():

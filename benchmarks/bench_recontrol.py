@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toyworld  # noqa: E402
-from model import generate  # noqa: E402
+from generate import SamplingConfig, sample  # noqa: E402
 from control import Controller  # noqa: E402
 from value import ValueConfig, ValueFunction  # noqa: E402
 
@@ -33,7 +33,7 @@ def main(argv=None):
         best, tokens = float("inf"), 0
         for r in range(args.repeats + 1):  # the first run warms up
             t0 = time.perf_counter()
-            out = generate(model, prompts, 32, tokenizer=enc, seed=r, **kwargs)
+            out = sample(model, prompts, SamplingConfig(max_new_tokens=32), tokenizer=enc, seed=r, **kwargs)
             if r:
                 best = min(best, time.perf_counter() - t0)
                 tokens = sum(len(t) for t in out.tokens)

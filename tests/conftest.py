@@ -80,13 +80,17 @@ def tokens():
 def tiny_world(tmp_path_factory):
     """A tiny toy-world base model (pretrained here in ~25 s), saved like any checkpoint folder, and its V."""
     import toyworld
-    import train_value
+    from generate import SamplingConfig
+    from tasks import load_model
+    from train_value import CalibrationConfig, TrainingConfig, build_value
+    from value import ValueConfig
     out = tmp_path_factory.mktemp("toy")
     config = toyworld.PretrainConfig(n_layer=2, n_head=2, n_embd=64, documents=10000, steps=2000, batch_size=48, lr=5e-3)
     toyworld.base_model(str(out), pretrain_config=config, log=lambda *a: None)
     folder = str(out / "base")
     value = str(out / "value.pt")
-    train_value.main(["--model", folder, "--prompts", "toy-train", "--reward", "toy", "--out", value,
-                      "--rollouts", str(out / "rollouts"), "--samples-per-prompt", "32", "--max-new-tokens", "32",
-                      "--epochs", "60"])  # otherwise train_value.py's defaults: Monte Carlo, step size calibrated
+    model, enc = load_model(folder)
+    build_value(model, enc, toyworld.World().train_prompts(), "toy", value, str(out / "rollouts"),
+                SamplingConfig(max_new_tokens=32, samples_per_prompt=32), ValueConfig(n_embd=64),
+                TrainingConfig(epochs=60), CalibrationConfig(), folder)  # otherwise the defaults
     return folder, value

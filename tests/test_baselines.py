@@ -1,6 +1,5 @@
 """The baselines: exact base output at strength 0, what each one does at strength > 0, and their cost."""
 
-import argparse
 import os
 
 import pytest
@@ -9,7 +8,8 @@ import torch
 import compare
 from baselines import (CountingReward, NextStateValueGuide, PrefixRewardGuide, SteeringEdit, rescore_top_k,
                        steering_vector)
-from model import GPT, GPTConfig, generate
+from generate import Method, SamplingConfig, sample, sample_responses
+from model import GPT, GPTConfig
 from value import ValueConfig, ValueFunction
 
 PROMPTS = [[1, 2, 3], [4, 5], [6]]
@@ -38,31 +38,30 @@ def count_a(prompts, responses):
 
 
 def test_every_baseline_at_strength_zero_is_exactly_the_base_model(model):
-    base = generate(model, PROMPTS, 10, seed=3, eos_ids=[])
+    base = sample(model, PROMPTS, SamplingConfig(max_new_tokens=10, eos_ids=[]), seed=3)
     value = ValueFunction(ValueConfig(n_embd=16)).requires_grad_(False)
     hooks = [dict(edit=SteeringEdit(torch.ones(16), 0.0)),
              dict(rescore=PrefixRewardGuide(count_a, Letters(), ["x"] * 3, k=5, weight=0.0)),
              dict(rescore=NextStateValueGuide(model, value, k=5, weight=0.0))]
     for hook in hooks:
-        assert generate(model, PROMPTS, 10, seed=3, eos_ids=[], **hook).tokens == base.tokens
+        assert sample(model, PROMPTS, SamplingConfig(max_new_tokens=10, eos_ids=[]), seed=3, **hook).tokens == base.tokens
 
 
 def test_best_of_one_and_no_instruction_are_the_base_model_and_best_of_n_keeps_the_best(model):
-    args = argparse.Namespace(samples_per_prompt=2, batch_size=4, max_new_tokens=8, temperature=1.0, top_k=None,
-                              top_p=None, stop=[])
+    config = SamplingConfig(max_new_tokens=8, samples_per_prompt=2, batch_size=4)
     enc = Letters()
     prompts = ["bcd", "ef"]
-    base, _ = compare.sample_with(compare.Method("base"), model, enc, prompts, count_a, args, seed=1)
-    one, cost = compare.sample_with(compare.Method("bo1", best_of=1), model, enc, prompts, count_a, args, seed=1)
+    base, _ = sample_responses(Method("base"), model, enc, prompts, count_a, config, seed=1)
+    one, cost = sample_responses(Method("bo1", best_of=1), model, enc, prompts, count_a, config, seed=1)
     assert [r["tokens"] for r in one] == [r["tokens"] for r in base] and cost["reward_calls"] == 0
-    unprompted, _ = compare.sample_with(compare.Method("prompting", instruction=""), model, enc, prompts, count_a,
-                                        args, seed=1)
+    unprompted, _ = sample_responses(Method("prompting", instruction=""), model, enc, prompts, count_a,
+                                      config, seed=1)
     assert [r["tokens"] for r in unprompted] == [r["tokens"] for r in base]
-    four, cost = compare.sample_with(compare.Method("bo4", best_of=4), model, enc, prompts, count_a, args, seed=1)
+    four, cost = sample_responses(Method("bo4", best_of=4), model, enc, prompts, count_a, config, seed=1)
     assert cost["reward_calls"] == 4 * len(four)
     # the kept sample of each job is the best of the 4 that were drawn for it (same seed, same batch layout)
     expanded = [p for p in prompts for _ in range(2) for _ in range(4)]
-    drawn = generate(model, [enc.encode(p) for p in expanded], 8, seed=1 * 1_000_003, eos_ids=[], tokenizer=enc)
+    drawn = sample(model, [enc.encode(p) for p in expanded], SamplingConfig(max_new_tokens=8, eos_ids=[]), seed=1 * 1_000_003, tokenizer=enc)
     for j, row in enumerate(four):
         assert row["reward"] == max(count_a(None, drawn.texts[4 * j:4 * j + 4]).tolist())
 
@@ -70,7 +69,7 @@ def test_best_of_one_and_no_instruction_are_the_base_model_and_best_of_n_keeps_t
 def test_prefix_reward_guide_steers_and_counts_its_calls(model):
     counting = CountingReward(count_a)
     guide = PrefixRewardGuide(counting, Letters(), ["x", "y", "z"], k=40, weight=100.0)
-    out = generate(model, PROMPTS, 6, seed=0, eos_ids=[], rescore=guide)
+    out = sample(model, PROMPTS, SamplingConfig(max_new_tokens=6, eos_ids=[]), seed=0, rescore=guide)
     assert all(set(Letters().decode(t)) == {"a"} for t in out.tokens)  # token 0 or 26 each time
     assert counting.calls == 3 * 40 * 6  # rows x candidates x steps
 
@@ -78,9 +77,8 @@ def test_prefix_reward_guide_steers_and_counts_its_calls(model):
 def test_next_state_value_guide_leaves_the_cache_untouched(model):
     # weight tiny but not 0: every candidate is looked ahead through the cache, yet nothing changes
     value = ValueFunction(ValueConfig(n_embd=16)).requires_grad_(False)
-    base = generate(model, PROMPTS, 8, temperature=0, eos_ids=[])
-    guided = generate(model, PROMPTS, 8, temperature=0, eos_ids=[],
-                      rescore=NextStateValueGuide(model, value, k=40, weight=1e-30))
+    base = sample(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]))
+    guided = sample(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]), rescore=NextStateValueGuide(model, value, k=40, weight=1e-30))
     assert guided.tokens == base.tokens
 
 
@@ -89,8 +87,7 @@ def test_next_state_value_guide_prefers_the_token_whose_next_state_is_valued(mod
         def __call__(self, o):
             target = model.states(torch.tensor([[7]]))[0, -1]
             return -((o - target) ** 2).sum(-1)
-    out = generate(model, [[7]], 5, temperature=0, eos_ids=[],
-                   rescore=NextStateValueGuide(model, PrefersToken7(), k=40, weight=1e4))
+    out = sample(model, [[7]], SamplingConfig(max_new_tokens=5, temperature=0, eos_ids=[]), rescore=NextStateValueGuide(model, PrefersToken7(), k=40, weight=1e4))
     assert out.tokens[0][0] == 7
 
 

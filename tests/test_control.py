@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, generate
+from generate import SamplingConfig, sample
+from model import GPT, GPTConfig
 from control import Controller
 from value import ValueConfig, ValueFunction
 
@@ -26,8 +27,8 @@ PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
 
 @pytest.mark.parametrize("alpha,n", [(0.0, 30), (0.5, 0)])
 def test_zero_control_is_exactly_the_base_model(model, value, alpha, n):
-    base = generate(model, PROMPTS, 12, seed=4, eos_ids=[], record_states=True)
-    ctrl = generate(model, PROMPTS, 12, seed=4, eos_ids=[], record_states=True, edit=Controller(value, alpha, n))
+    base = sample(model, PROMPTS, SamplingConfig(max_new_tokens=12, eos_ids=[]), seed=4, record_states=True)
+    ctrl = sample(model, PROMPTS, SamplingConfig(max_new_tokens=12, eos_ids=[]), seed=4, record_states=True, edit=Controller(value, alpha, n))
     assert ctrl.tokens == base.tokens
     o = torch.cat(base.states)
     assert torch.equal(model.head(Controller(value, alpha, n)(o)), model.head(o))
@@ -79,7 +80,7 @@ def test_only_the_newest_position_is_edited_and_the_cache_never_sees_u(model, va
     caches = []
     new_cache = model.new_cache
     model.new_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
-    out = generate(model, PROMPTS, 10, seed=0, eos_ids=[], edit=spy)
+    out = sample(model, PROMPTS, SamplingConfig(max_new_tokens=10, eos_ids=[]), seed=0, edit=spy)
     del model.new_cache
     assert seen and all(s == (3, 32) for s in seen)  # (B, C): one state per row, never the prompt positions
     # the cache holds exactly what a plain forward over prompt + generated tokens writes
@@ -104,9 +105,9 @@ def test_control_runs_in_fp32_for_a_bf16_model(model, value):
 
 def test_batched_control_equals_one_by_one(model, value):
     controller = Controller(value, 1.0, 5)
-    batch = generate(model, PROMPTS, 8, temperature=0, eos_ids=[], edit=controller)
+    batch = sample(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]), edit=controller)
     for i, p in enumerate(PROMPTS):
-        assert generate(model, [p], 8, temperature=0, eos_ids=[], edit=controller).tokens[0] == batch.tokens[i]
+        assert sample(model, [p], SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]), edit=controller).tokens[0] == batch.tokens[i]
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(step_size=-0.1), "step size >= 0"), (dict(n_steps=-1), "steps >= 0"),

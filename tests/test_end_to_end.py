@@ -7,18 +7,22 @@ import os
 import pytest
 import torch
 
-import generate as generate_script
+import generate
 import toyworld
-from model import GPT, GPTConfig, save_tokenizer
+from checkpoints import from_pretrained, save_pretrained
+from cli import run_cli
+from generate import SamplingConfig
+from model import GPT, GPTConfig
+from tokenizer import save_tokenizer
 from train_value import Rollouts, collect_rollouts
-from tasks import hh_prompt, load_prompts, load_reward, run_cli
+from tasks import hh_prompt, load_prompts, load_reward
 
 
 def test_the_default_value_steers(tiny_world, tmp_path):
     # no control flags: the step size and target that train_value.py calibrated on its held-out prompts
     folder, value = tiny_world
     out = tmp_path / "gen.jsonl"
-    base, ctrl = generate_script.main(["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--value", value,
+    base, ctrl = generate.main(["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--value", value,
                                        "--samples-per-prompt", "4", "--max-new-tokens", "32", "--seeds", "0", "1",
                                        "--out", str(out)])
     assert ctrl["reward"] > base["reward"] + 0.1, (base, ctrl)
@@ -31,7 +35,7 @@ def test_value_checkpoint_records_what_it_was_trained_for(tiny_world):
     folder, value = tiny_world
     checkpoint = torch.load(value, weights_only=True)
     assert checkpoint["base_model"] == folder and checkpoint["reward"] == "toy"
-    assert checkpoint["config"]["n_embd"] == 64 and checkpoint["train_args"]["lam"] == 1.0
+    assert checkpoint["config"]["n_embd"] == 64 and checkpoint["train_args"]["training"]["lam"] == 1.0
     assert -1 <= checkpoint["metrics"]["corr"] <= 1 and checkpoint["metrics"]["error"] < checkpoint["metrics"]["best_constant"]
     control = checkpoint["control"]  # calibrated on held-out training prompts, the curve kept
     assert control["radius"] > 0 and control["n_steps"] == 20 and control["curve"][0]["radius"] == 0
@@ -70,21 +74,21 @@ def test_bad_inputs_are_clear_errors(tiny_world, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        generate_script.main(generate_args(folder) + ["--prompts", str(empty)])
+        generate.main(generate_args(folder) + ["--prompts", str(empty)])
     with pytest.raises(ValueError, match="unknown reward 'nice'"):
-        generate_script.main(generate_args(folder) + ["--reward", "nice"])
+        generate.main(generate_args(folder) + ["--reward", "nice"])
     with pytest.raises(ValueError, match="step size >= 0"):
-        generate_script.main(generate_args(folder, value, "--step-size", "-0.5"))
+        generate.main(generate_args(folder, value, "--step-size", "-0.5"))
     with pytest.raises(ValueError, match="steps >= 0"):
-        generate_script.main(generate_args(folder, value, "--n-steps", "-3"))
+        generate.main(generate_args(folder, value, "--n-steps", "-3"))
     with pytest.raises(ValueError, match="exceeds the model's context of 48"):
-        generate_script.main(generate_args(folder) + ["--max-new-tokens", "60"])
+        generate.main(generate_args(folder) + ["--max-new-tokens", "60"])
     other = tmp_path / "other"  # a model of the same width that V was not trained for
     torch.manual_seed(5)
-    GPT(GPTConfig(vocab_size=400, block_size=48, n_layer=1, n_head=2, n_embd=64)).save_pretrained(str(other))
+    save_pretrained(GPT(GPTConfig(vocab_size=400, block_size=48, n_layer=1, n_head=2, n_embd=64)), str(other))
     save_tokenizer(toyworld.encoding(), str(other))
     with pytest.raises(ValueError, match="whose weights differ"):
-        generate_script.main(generate_args(str(other), value))
+        generate.main(generate_args(str(other), value))
 
 
 def test_run_cli_turns_input_errors_into_one_line(capsys):
@@ -96,10 +100,11 @@ def test_run_cli_turns_input_errors_into_one_line(capsys):
 
 def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):
     folder, _ = tiny_world
-    model = GPT.from_pretrained(folder)
+    model = from_pretrained(folder)
     enc = toyworld.encoding()
     prompts = toyworld.World().train_prompts()[:6]
-    kwargs = dict(samples_per_prompt=3, batch_size=5, max_new_tokens=16, shard_size=7, seed=1, log=lambda *a: None)
+    kwargs = dict(config=SamplingConfig(max_new_tokens=16, samples_per_prompt=3, batch_size=5), shard_size=7, seed=1,
+                  log=lambda *a: None)
     collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **kwargs)
     shards = sorted((tmp_path / "r").glob("shard_*.pt"))
     assert len(shards) == 3  # 18 responses in shards of 7

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import metrics
-from model import GPT, GPTConfig, generate, kl_divergence
+from generate import SamplingConfig, kl_divergence, sample
+from model import GPT, GPTConfig
 
 
 class StubModel:
@@ -57,15 +58,15 @@ def test_kl_divergence_hand_case():
 def test_generate_records_kl_from_the_base_model():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    plain = generate(model, [[1, 2], [3]], 6, seed=0, eos_ids=[], record_kl=True)
+    plain = sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=6, eos_ids=[]), seed=0, record_kl=True)
     assert plain.kl == [0.0, 0.0]
     shift = lambda o: o + 1.0
-    one_step = generate(model, [[1, 2]], 1, seed=0, eos_ids=[], record_kl=True, edit=shift)
+    one_step = sample(model, [[1, 2]], SamplingConfig(max_new_tokens=1, eos_ids=[]), seed=0, record_kl=True, edit=shift)
     with torch.no_grad():
         o = model.states(torch.tensor([[1, 2]]))[:, -1]
         expected = kl_divergence(model.head(shift(o)), model.head(o), 1.0).item()
     assert expected > 0 and one_step.kl[0] == pytest.approx(expected, rel=1e-5)
-    shifted = generate(model, [[1, 2], [3]], 6, seed=0, eos_ids=[], record_kl=True, edit=shift)
+    shifted = sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=6, eos_ids=[]), seed=0, record_kl=True, edit=shift)
     assert all(k > 0 for k in shifted.kl)
 
 

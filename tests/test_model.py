@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import VOCAB, tiny_gpt2, tiny_llama
-from model import GPT, GPTConfig, generate
+from checkpoints import from_pretrained
+from generate import SamplingConfig, sample
+from model import GPT, GPTConfig
 
 CASES = {
     "gpt2": lambda d: tiny_gpt2(d),
@@ -23,19 +25,19 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_logits_and_greedy_tokens_match_transformers(case, tmp_path, tokens):
     ref = CASES[case](tmp_path)
-    model = GPT.from_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
     with torch.no_grad():
         assert (model(tokens) - ref(tokens).logits).abs().max() <= 1e-4
         expected = ref.generate(tokens[:1, :8], max_new_tokens=32, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, 8:].tolist()
-    ours = generate(model, [tokens[0, :8].tolist()], max_new_tokens=32, temperature=0, eos_ids=[])
+    ours = sample(model, [tokens[0, :8].tolist()], SamplingConfig(max_new_tokens=32, temperature=0, eos_ids=[]))
     assert ours.tokens[0] == expected and len(expected) == 32
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_reward_head_scores_match_transformers(family, tmp_path, tokens):
     ref = (tiny_gpt2 if family == "gpt2" else tiny_llama)(tmp_path, cls_head=True)
-    model = GPT.from_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
     assert model.config.n_labels == 1
     prompts = [tokens[0, :20].tolist(), tokens[1, :11].tolist(), tokens[2, :5].tolist()]
     from model import left_pad
@@ -57,7 +59,7 @@ def test_legacy_gpt2_bin_layout_loads(tmp_path, tokens):
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, legacy / "pytorch_model.bin")
     (legacy / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
-    model = GPT.from_pretrained(str(legacy))
+    model = from_pretrained(str(legacy))
     with torch.no_grad():
         assert (model(tokens) - ref(tokens).logits).abs().max() <= 1e-4
 
@@ -104,7 +106,7 @@ def write_meta_folder(folder, hf_state, n_shards, use_scaled_rope):
 def test_meta_layout_gives_the_same_logits_as_hf_layout(n_shards, tmp_path, tokens):
     ref = tiny_llama(tmp_path / "hf", n_kv_head=2)
     write_meta_folder(tmp_path / "meta", ref.state_dict(), n_shards, use_scaled_rope=False)
-    hf, meta = GPT.from_pretrained(str(tmp_path / "hf")), GPT.from_pretrained(str(tmp_path / "meta"))
+    hf, meta = from_pretrained(str(tmp_path / "hf")), from_pretrained(str(tmp_path / "meta"))
     with torch.no_grad():
         assert (hf(tokens) - meta(tokens)).abs().max() <= 1e-5
         assert (meta(tokens) - ref(tokens).logits).abs().max() <= 1e-4
@@ -113,7 +115,7 @@ def test_meta_layout_gives_the_same_logits_as_hf_layout(n_shards, tmp_path, toke
 def test_sharded_safetensors_load(tmp_path, tokens):
     ref = tiny_llama(tmp_path, n_kv_head=2, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    model = GPT.from_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
     with torch.no_grad():
         assert (model(tokens) - ref(tokens).logits).abs().max() <= 1e-4
 
@@ -122,8 +124,8 @@ def test_sharded_safetensors_load(tmp_path, tokens):
 def test_half_precision_on_disk_and_requested_dtype(dtype, tmp_path, tokens):
     ref = tiny_llama(tmp_path / "fp32")
     ref.to(dtype).save_pretrained(tmp_path / "half")
-    assert GPT.from_pretrained(str(tmp_path / "half")).wte.weight.dtype == dtype  # as stored
-    model = GPT.from_pretrained(str(tmp_path / "half"), dtype="float32")
+    assert from_pretrained(str(tmp_path / "half")).wte.weight.dtype == dtype  # as stored
+    model = from_pretrained(str(tmp_path / "half"), dtype="float32")
     assert model.wte.weight.dtype == torch.float32
     with torch.no_grad():
         tol = 0.05 if dtype == torch.bfloat16 else 0.01
@@ -153,19 +155,19 @@ def test_cached_decoding_equals_full_recompute(kind, tokens):
 def test_batched_with_left_padding_equals_one_by_one(kind, tokens):
     model = random_model(kind)
     prompts = [tokens[0, :3].tolist(), tokens[1, :12].tolist(), tokens[2, :7].tolist()]
-    batch = generate(model, prompts, max_new_tokens=10, temperature=0, eos_ids=[], record_states=True)
+    batch = sample(model, prompts, SamplingConfig(max_new_tokens=10, temperature=0, eos_ids=[]), record_states=True)
     for i, p in enumerate(prompts):
-        alone = generate(model, [p], max_new_tokens=10, temperature=0, eos_ids=[], record_states=True)
+        alone = sample(model, [p], SamplingConfig(max_new_tokens=10, temperature=0, eos_ids=[]), record_states=True)
         assert batch.tokens[i] == alone.tokens[0]
         assert (batch.states[i] - alone.states[0]).abs().max() <= 1e-5
 
 
 def test_eos_and_stop_strings_cut_the_response_and_its_states():
     model = random_model("gpt2")
-    first = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=0, eos_ids=[], record_states=True)
+    first = sample(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=12, temperature=0, eos_ids=[]), record_states=True)
     y = first.tokens[0]
     eos_at = 5
-    cut = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=0, eos_ids=[y[eos_at]], record_states=True)
+    cut = sample(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=12, temperature=0, eos_ids=[y[eos_at]]), record_states=True)
     k = y.index(y[eos_at])
     assert cut.tokens[0] == y[:k] and cut.states[0].shape[0] == k + 1
     assert (cut.states[0] - first.states[0][:k + 1]).abs().max() == 0
@@ -175,23 +177,22 @@ def test_eos_and_stop_strings_cut_the_response_and_its_states():
             return "".join(chr(65 + i % 26) for i in ids)
     text = Chars().decode(y)
     stop = text[6:8]
-    cut = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=0, eos_ids=[], stop_strings=[stop],
-                   tokenizer=Chars())
+    cut = sample(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=12, temperature=0, eos_ids=[], stop=[stop]), tokenizer=Chars())
     assert cut.texts[0] == text[:text.find(stop)]
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
     model = random_model("llama")
-    a = generate(model, [[1, 2], [3]], max_new_tokens=8, temperature=1.0, seed=3, eos_ids=[])
-    b = generate(model, [[1, 2], [3]], max_new_tokens=8, temperature=1.0, seed=3, eos_ids=[])
+    a = sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=8, temperature=1.0, eos_ids=[]), seed=3)
+    b = sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=8, temperature=1.0, eos_ids=[]), seed=3)
     assert a.tokens == b.tokens
-    greedy = generate(model, [[1, 2], [3]], max_new_tokens=8, temperature=0, eos_ids=[])
-    assert generate(model, [[1, 2], [3]], max_new_tokens=8, top_k=1, seed=5, eos_ids=[]).tokens == greedy.tokens
-    assert generate(model, [[1, 2], [3]], max_new_tokens=8, top_p=1e-6, seed=5, eos_ids=[]).tokens == greedy.tokens
+    greedy = sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]))
+    assert sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=8, top_k=1, eos_ids=[]), seed=5).tokens == greedy.tokens
+    assert sample(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=8, top_p=1e-6, eos_ids=[]), seed=5).tokens == greedy.tokens
 
 
 def test_top_p_keeps_exactly_the_nucleus():
-    from model import next_token
+    from generate import next_token
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     seen = {next_token(logits, 1.0, None, 0.7, g).item() for _ in range(300)}
@@ -209,7 +210,7 @@ def test_presets_build():
 def test_prompt_longer_than_context_is_a_clear_error():
     model = random_model("gpt2")
     with pytest.raises(ValueError, match="exceeds the context of 64"):
-        generate(model, [list(range(1, 60))], max_new_tokens=10)
+        sample(model, [list(range(1, 60))], SamplingConfig(max_new_tokens=10))
 
 
 # ---- errors name the file and the key ------------------------------------------------------------------
@@ -219,12 +220,12 @@ def test_error_no_weights_file(tmp_path):
     tiny_gpt2(tmp_path)
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no weights: expected model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_unsupported_model_type(tmp_path):
@@ -232,7 +233,7 @@ def test_error_unsupported_model_type(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="mistral")))
     with pytest.raises(ValueError, match="model_type 'mistral' is not supported"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def edit_safetensors(path, change):
@@ -246,21 +247,21 @@ def test_error_missing_key_names_it(tmp_path):
     tiny_gpt2(tmp_path)
     edit_safetensors(tmp_path / "model.safetensors", lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"))
     with pytest.raises(KeyError, match=r"blocks.1.mlp.fc.weight.*transformer.h.1.mlp.c_fc.weight.*model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_unexpected_key_names_it(tmp_path):
     tiny_gpt2(tmp_path)
     edit_safetensors(tmp_path / "model.safetensors", lambda s: s.update({"transformer.h.2.ln_1.weight": torch.ones(32)}))
     with pytest.raises(KeyError, match=r"unexpected weights transformer.h.2.ln_1.weight in model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_shape_mismatch_names_the_key(tmp_path):
     tiny_gpt2(tmp_path)
     edit_safetensors(tmp_path / "model.safetensors", lambda s: s.update({"transformer.wpe.weight": torch.ones(32, 32)}))
     with pytest.raises(ValueError, match=r"transformer.wpe.weight in model.safetensors has shape \(32, 32\)"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_truncated_safetensors(tmp_path):
@@ -268,7 +269,7 @@ def test_error_truncated_safetensors(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match=r"model.safetensors could not be read: it is truncated or corrupt"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_unsupported_dtype(tmp_path):
@@ -276,9 +277,9 @@ def test_error_unsupported_dtype(tmp_path):
     edit_safetensors(tmp_path / "model.safetensors",
                      lambda s: s.update({"transformer.ln_f.bias": s["transformer.ln_f.bias"].to(torch.float64)}))
     with pytest.raises(ValueError, match=r"transformer.ln_f.bias is stored as torch.float64"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
-        GPT.from_pretrained(str(tmp_path), dtype="int8")
+        from_pretrained(str(tmp_path), dtype="int8")
 
 
 def test_error_missing_shard_of_an_index(tmp_path):
@@ -286,11 +287,11 @@ def test_error_missing_shard_of_an_index(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     os.remove(tmp_path / sorted(set(index["weight_map"].values()))[-1])
     with pytest.raises(FileNotFoundError, match=r"model-0000\d-of-0000\d.safetensors is missing"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_error_hub_name_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="could not be fetched from the Hugging Face hub.*Pass a local folder"):
-        GPT.from_pretrained("openai-community/gpt2")
+        from_pretrained("openai-community/gpt2")

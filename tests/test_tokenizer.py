@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import TOKENIZER_TEXTS as TEXTS, train_gpt2_files
-from model import byte_encoding, eos_token_ids, llama3_chat_prompt, load_tokenizer, save_tokenizer
+from tokenizer import byte_encoding, end_of_sequence_ids, load_tokenizer, save_tokenizer
 
 def test_gpt2_format_matches_transformers(tmp_path):
     from transformers import GPT2Tokenizer
@@ -19,7 +19,7 @@ def test_gpt2_format_matches_transformers(tmp_path):
         assert ids == ref.encode(text), text
         assert enc.decode(ids) == text
     assert enc.encode("<|endoftext|>", allowed_special="all") == [ref.convert_tokens_to_ids("<|endoftext|>")]
-    assert eos_token_ids(enc) == [ref.convert_tokens_to_ids("<|endoftext|>")]
+    assert end_of_sequence_ids(enc) == [ref.convert_tokens_to_ids("<|endoftext|>")]
 
 
 def test_gpt2_legacy_file_names(tmp_path):
@@ -50,10 +50,10 @@ def test_llama3_format_round_trips_and_places_specials(tmp_path, under_original)
     assert enc.encode_single_token("<|begin_of_text|>") == n
     assert enc.encode_single_token("<|eot_id|>") == n + 9
     assert enc.n_vocab == n + 256
-    chat = llama3_chat_prompt([{"role": "user", "content": "hello"}])
+    chat = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
     ids = enc.encode(chat, allowed_special="all")
-    assert ids[0] == n and ids[1] == n + 6 and ids[-2:] == enc.encode("\n\n")
-    assert n + 9 in eos_token_ids(enc) and n + 1 in eos_token_ids(enc)
+    assert ids[0] == n and ids[1] == n + 6 and ids[-1] == n + 9
+    assert n + 9 in end_of_sequence_ids(enc) and n + 1 in end_of_sequence_ids(enc)
 
 
 def test_llama3_specials_from_tokenizer_config(tmp_path):

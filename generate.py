@@ -67,18 +67,18 @@ class Generation:
 def next_token(logits, temperature, top_k, top_p, generator):
     """E2: y ~ softmax(logits / tau), optionally truncated to the top-k tokens or the top-p nucleus."""
     logits = logits.float()  # (B, vocab)
-    if temperature == 0:
+    if temperature == 0:  # greedy: the most likely token
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
+    logits = logits / temperature  # tau < 1 sharpens the distribution, tau > 1 flattens it
+    if top_k:  # every token below the k-th largest logit is ruled out
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and top_p < 1.0:  # keep the most likely tokens until their probability reaches top_p
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
+    probs = logits.softmax(-1)  # ruled-out tokens (-inf) get probability 0
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -95,7 +95,7 @@ def cut_at_stop(tokens, enc, stop_strings):
     hits = [text.find(s) for s in stop_strings if s in text]
     if not hits:
         return None
-    end = min(hits)
+    end = min(hits)  # the first character of the earliest stop string
     n = len(tokens)
     while n and len(enc.decode(tokens[:n])) > end:
         n -= 1

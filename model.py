@@ -88,6 +88,8 @@ PRESETS = {
 
 
 class RMSNorm(nn.Module):
+    """Llama's norm: x / rms(x) times a learned gain; no mean subtracted, no bias."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -101,6 +103,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
+    """The norm the config names: GPT-2's LayerNorm or Llama's RMSNorm."""
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
@@ -109,6 +112,7 @@ def make_norm(config):
 def rope_frequencies(config):
     """Inverse frequencies of RoPE, (head_dim/2,), with Llama 3.1's long-context rescaling when configured."""
     hd = config.head_dim
+    # pair i of each head turns by angle position * theta^(-2i/hs): fast for the first pairs, slow for the last
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     scaling = config.rope_scaling
     if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
@@ -130,6 +134,8 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
+    """Causal self-attention; with n_kv_head < n_head, groups of query heads share a key/value head (GQA)."""
+
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -140,11 +146,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache, layer):
         B, T, _ = x.shape
+        # project to queries, keys and values, then split the channels into heads
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:
+        if rope is not None:  # rotate q and k by their positions, so q.k depends on the distance between them
             cos, sin = rope  # (B, 1, T, hs)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
@@ -153,10 +160,13 @@ class Attention(nn.Module):
         # mask None: causal over a fresh sequence, or a single new token that may see the whole cache
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)
+        # (B, nh, T, hs) -> (B, T, nh * hs): the heads side by side again, then back to the residual width
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
 class MLP(nn.Module):
+    """The feed-forward layer: GPT-2's GELU MLP, or Llama's SwiGLU (a gated one)."""
+
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
@@ -168,10 +178,12 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.fc(x).chunk(2, dim=-1)  # Llama's gate_proj and up_proj, fused
             return self.proj(F.silu(gate) * up)
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's tanh approximation of GELU
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block: attention, then the MLP, each added to the residual stream."""
+
     def __init__(self, config):
         super().__init__()
         self.norm1 = make_norm(config)
@@ -180,8 +192,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, rope, mask, cache, layer):
-        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)  # tokens read from each other
+        return x + self.mlp(self.norm2(x))  # each token is transformed on its own
 
 
 class KVCache:
@@ -213,16 +225,16 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.positions == "learned":
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token -> vector
+        if config.positions == "learned":  # GPT-2 adds a learned vector per position; Llama rotates q, k instead
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = make_norm(config)
-        if config.n_labels:
+        self.norm_f = make_norm(config)  # its output is the state o_t
+        if config.n_labels:  # a reward model: a score per label instead of next-token logits
             self.score = nn.Linear(config.n_embd, config.n_labels, bias=False)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            if config.tie_embeddings:
+            if config.tie_embeddings:  # GPT-2 reads the logits with the embedding matrix itself
                 self.lm_head.weight = self.wte.weight
         if config.positions == "rope":
             self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
@@ -233,12 +245,14 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init_weights(module):
+        # GPT-2's initialisation, for models trained from scratch (the toy world's); loaded weights replace it
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
     def new_cache(self, batch_size, max_len):
+        """An empty KVCache for batch_size rows of up to max_len positions, in the model's dtype and device."""
         if max_len > self.config.block_size:
             raise ValueError(f"a cache of {max_len} positions exceeds the context of {self.config.block_size}; "
                              "shorten the prompt or lower max_new_tokens")

@@ -1,12 +1,13 @@
 """
 RE-Control (Kong et al., NeurIPS 2024): align a language model at test time by editing its representation.
-The whole method on the embedded toy world, top to bottom, in five calls:
+The whole method on the embedded toy world, top to bottom:
 
     1. the base model and the task       toyworld.py, tasks.py      the LM as a dynamical system (E1, E2), R (E4)
     2. rollouts -> V -> its radius        train_value.py             E1, E5, E6, and how strong E7 may be
     3. RE-Control beside the base model   generate.py, control.py    E3, E7 at every decoding step
     4. the table                          metrics.py                 E8
     5. the trade-off of E7's strength     the same, over alpha * n
+Steps 2-4 are one function, learn_and_steer, that the benchmarks call too.
 
     python recontrol.py      # no downloads; pretrains the toy base model the first time (2-5 min), then ~2.5 min
 """
@@ -21,6 +22,37 @@ from generate import Method, SamplingConfig, evaluate_methods, print_report, wri
 from tasks import check_prompts_fit, load_model
 from train_value import CalibrationConfig, TrainingConfig, build_value
 from value import ValueConfig
+
+
+def sampling_for_test_prompts(model, enc, samples_per_prompt):
+    """How the test prompts are sampled: as long as the context allows (<= 128 tokens), in batches of 64."""
+    return SamplingConfig(max_new_tokens=check_prompts_fit(model, enc, toyworld.World().test_prompts()),
+                          samples_per_prompt=samples_per_prompt)
+
+
+def learn_and_steer(model, enc, model_id, out_dir, training=TrainingConfig(), rollouts=None, rollouts_per_prompt=48,
+                    seeds=(0, 1, 2), samples_per_prompt=4):
+    """Steps 2 to 4 on the toy world: rollouts of `model` on the training prompts (into `rollouts`, by default
+    out_dir/rollouts) -> V (trained as `training` says, saved to out_dir/value.pt) -> the radius of E7; then the
+    base model and RE-Control on the held-out test prompts, samples_per_prompt for each of the sampling `seeds`.
+    Returns (V, its ControlConfig, its training history, the two summary rows, every test response)."""
+    world = toyworld.World()
+    train_prompts = world.train_prompts()
+    rollout_sampling = SamplingConfig(max_new_tokens=check_prompts_fit(model, enc, train_prompts),
+                                      samples_per_prompt=rollouts_per_prompt)
+    value, checkpoint, history = build_value(model, enc, train_prompts, "toy", os.path.join(out_dir, "value.pt"),
+                                             rollouts or os.path.join(out_dir, "rollouts"), rollout_sampling,
+                                             ValueConfig(n_embd=model.config.n_embd), training, CalibrationConfig(),
+                                             model_id)
+    control = ControlConfig.chosen(checkpoint["control"])
+    print("\nRE-Control on held-out test prompts, the base model beside it (mean over seeds, ± spread):")
+    print(f"RE-Control: {control}")
+    methods = [Method("base"), Method("RE-Control", Controller.from_config(value, control))]
+    summaries, records = evaluate_methods(methods, model, enc, world.test_prompts(), toyworld.reward,
+                                          sampling_for_test_prompts(model, enc, samples_per_prompt), seeds, value,
+                                          toyworld.is_grammatical)
+    print_report(summaries, records, examples=3)
+    return value, control, history, summaries, records
 
 
 def main(argv=None):
@@ -41,26 +73,9 @@ def main(argv=None):
 
     # 1. the base model (pretrained once and cached), the world's prompts split into train and test, its reward
     model, enc = load_model(args.model)
-    world = toyworld.World()
-    train_prompts, test_prompts = world.train_prompts(), world.test_prompts()
-
-    # 2. rollouts of the base model on the training prompts -> V by Monte Carlo -> the radius of E7, all stored
-    rollout_sampling = SamplingConfig(max_new_tokens=check_prompts_fit(model, enc, train_prompts), samples_per_prompt=48)
-    value, checkpoint, _ = build_value(model, enc, train_prompts, "toy", os.path.join(out_dir, "value.pt"),
-                                       os.path.join(out_dir, "rollouts"), rollout_sampling,
-                                       ValueConfig(n_embd=model.config.n_embd), TrainingConfig(), CalibrationConfig(),
-                                       args.model)
-    control = ControlConfig.chosen(checkpoint["control"])
-
-    # 3-4. the base model and RE-Control on held-out test prompts, over several sampling seeds
-    test_sampling = SamplingConfig(max_new_tokens=check_prompts_fit(model, enc, test_prompts),
-                                   samples_per_prompt=args.samples_per_prompt)
-    print("\nRE-Control on held-out test prompts, the base model beside it (mean over seeds, ± spread):")
-    print(f"RE-Control: {control}")
-    methods = [Method("base"), Method("RE-Control", Controller.from_config(value, control))]
-    summaries, records = evaluate_methods(methods, model, enc, test_prompts, toyworld.reward, test_sampling,
-                                          args.seeds, value, toyworld.is_grammatical)
-    print_report(summaries, records, examples=3)
+    # 2-4. rollouts -> V -> the radius of E7, then the base model and RE-Control on the test prompts
+    value, control, _, summaries, records = learn_and_steer(model, enc, args.model, out_dir, seeds=args.seeds,
+                                                            samples_per_prompt=args.samples_per_prompt)
     write_jsonl(os.path.join(out_dir, "test_generations.jsonl"), records)
 
     # 5. the trade-off: alpha * n from 0 up, without the radius (the paper's E7) and with the calibrated one
@@ -73,8 +88,9 @@ def main(argv=None):
             print(f"\n{title}\nRE-Control: {bound}")
             methods = [Method(f"alpha*n = {total:g}", Controller.from_config(value, bound.with_total(total)))
                        for total in args.sweep]
-            sweep, _ = evaluate_methods(methods, model, enc, test_prompts, toyworld.reward, test_sampling,
-                                        args.seeds[:1], value, toyworld.is_grammatical)
+            sweep, _ = evaluate_methods(methods, model, enc, toyworld.World().test_prompts(), toyworld.reward,
+                                        sampling_for_test_prompts(model, enc, args.samples_per_prompt), args.seeds[:1], value,
+                                        toyworld.is_grammatical)
             print_report(sweep)
     return summaries
 

@@ -13,31 +13,27 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate  # noqa: E402
 import train_value  # noqa: E402
+from recontrol import learn_and_steer  # noqa: E402
+from tasks import load_model  # noqa: E402
 
-METHODS = {"TD(0)": ["--lam", "0"], "TD(0.5)": ["--lam", "0.5"], "TD(0.9)": ["--lam", "0.9"],
-           "official": ["--method", "official"], "MC (lambda = 1)": ["--lam", "1"],
-           "TD(0), no sg": ["--lam", "0", "--no-stop-gradient"], "TD(0.9), no sg": ["--lam", "0.9", "--no-stop-gradient"]}
+METHODS = {"TD(0)": dict(lam=0.0), "TD(0.5)": dict(lam=0.5), "TD(0.9)": dict(lam=0.9), "official": dict(method="official"),
+           "MC (lambda = 1)": dict(lam=1.0), "TD(0), no sg": dict(lam=0.0, stop_gradient=False),
+           "TD(0.9), no sg": dict(lam=0.9, stop_gradient=False)}  # train_value.TrainingConfig fields
 DEFAULT_METHODS = ["TD(0)", "TD(0.5)", "TD(0.9)", "official", "MC (lambda = 1)"]
 
 
-def run_method(name, flags, args, out_dir):
+def run_method(name, args, model, enc, out_dir):
     folder = name.replace(" (lambda = 1)", "").replace(", no sg", "-nosg").replace("(", "").replace(")", "").lower()
-    value_path = os.path.join(out_dir, folder, "value.pt")
-    history = train_value.main(["--model", args.model, "--out", value_path, "--rollouts",
-                                os.path.join(out_dir, "rollouts"), "--epochs", str(args.epochs),
-                                "--samples-per-prompt", str(args.samples_per_prompt), *flags])
+    training = train_value.TrainingConfig(epochs=args.epochs, **METHODS[name])
+    _, control, history, (base, ctrl), _ = learn_and_steer(
+        model, enc, args.model, os.path.join(out_dir, folder), training, rollouts=os.path.join(out_dir, "rollouts"),
+        rollouts_per_prompt=args.samples_per_prompt, seeds=args.seeds)
     kept = train_value.kept_epoch(history)
-    base, ctrl = generate.main(["--model", args.model, "--value", value_path, "--samples-per-prompt", "4",
-                                "--seeds", *map(str, args.seeds)])
-    control = torch.load(value_path, weights_only=True)["control"]
     return {"method": name, "epoch": kept["epoch"], "spread": kept["spread"], "corr": kept["corr"],
             "error": kept["error"], "best_constant": kept["best_constant"], "by_position": kept["error_by_position"],
-            "radius": control["radius"], "base": base, "ctrl": ctrl}
+            "radius": control.radius, "base": base, "ctrl": ctrl}
 
 
 def table(rows):
@@ -68,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--samples-per-prompt", type=int, default=48, help="rollouts per training prompt (default too)")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or os.path.join("out", "bellman", args.model)
-    rows = [run_method(name, METHODS[name], args, out_dir) for name in args.methods]
+    model, enc = load_model(args.model)
+    rows = [run_method(name, args, model, enc, out_dir) for name in args.methods]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\n{args.model}: every method on the same rollouts; RE-Control at each V's own calibrated step size, "

@@ -15,9 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate  # noqa: E402
 import toyworld  # noqa: E402
-import train_value  # noqa: E402
+from recontrol import learn_and_steer  # noqa: E402
 
 
 def run_cell(threads, seed, args):
@@ -25,16 +24,13 @@ def run_cell(threads, seed, args):
     torch.set_num_threads(threads)
     out_dir = os.path.join(args.out_dir, f"threads{threads}")
     pretrain = toyworld.PretrainConfig(seed=seed)
-    toyworld.base_model(out_dir, pretrain_config=pretrain)
+    model, enc = toyworld.base_model(out_dir, pretrain_config=pretrain)
     folder = os.path.join(out_dir, "base" if seed == 0 else f"base-seed{seed}")
-    value_path = os.path.join(out_dir, f"seed{seed}", "value.pt")
-    train_value.main(["--model", folder, "--out", value_path])
-    base, ctrl = generate.main(["--model", folder, "--value", value_path, "--samples-per-prompt", "4",
-                                "--seeds", *map(str, args.seeds)])
-    control = torch.load(value_path, weights_only=True)["control"]
+    _, control, _, (base, ctrl), _ = learn_and_steer(model, enc, folder, os.path.join(out_dir, f"seed{seed}"),
+                                                     seeds=args.seeds)
     gain_sd = (ctrl["reward"] - base["reward"]) / base["reward_sd_responses"]
     grammar_ratio = ctrl["grammatical"] / base["grammatical"]
-    return {"threads": threads, "pretrain_seed": seed, "radius": control["radius"],
+    return {"threads": threads, "pretrain_seed": seed, "radius": control.radius,
             "base": base, "ctrl": ctrl, "gain_sd": gain_sd, "grammar_ratio": grammar_ratio,
             "passes": gain_sd >= 0.5 and grammar_ratio >= 0.95}
 

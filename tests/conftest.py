@@ -76,21 +76,27 @@ def tokens():
     return torch.randint(1, VOCAB, (3, 20), generator=g)
 
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
-    """A tiny toy-world base model (pretrained here in ~25 s), saved like any checkpoint folder, and its V."""
+def tiny_world():
+    """The committed tiny toy world (tests/make_fixtures.py made it): a base model folder and its value checkpoint."""
+    return os.path.join(FIXTURES, "base"), os.path.join(FIXTURES, "value.pt")
+
+
+ROLLOUT_FLAGS = ["--samples-per-prompt", "4", "--max-new-tokens", "32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_rollouts(tiny_world, tmp_path_factory):
+    """Rollouts of the tiny base model on the training prompts (4 per prompt), collected as ROLLOUT_FLAGS say."""
     import toyworld
     from generate import SamplingConfig
     from tasks import load_model
-    from train_value import CalibrationConfig, TrainingConfig, build_value
-    from value import ValueConfig
-    out = tmp_path_factory.mktemp("toy")
-    config = toyworld.PretrainConfig(n_layer=2, n_head=2, n_embd=64, documents=10000, steps=2000, batch_size=48, lr=5e-3)
-    toyworld.base_model(str(out), pretrain_config=config, log=lambda *a: None)
-    folder = str(out / "base")
-    value = str(out / "value.pt")
-    model, enc = load_model(folder)
-    build_value(model, enc, toyworld.World().train_prompts(), "toy", value, str(out / "rollouts"),
-                SamplingConfig(max_new_tokens=32, samples_per_prompt=32), ValueConfig(n_embd=64),
-                TrainingConfig(epochs=60), CalibrationConfig(), folder)  # otherwise the defaults
-    return folder, value
+    from train_value import collect_rollouts
+    model, enc = load_model(tiny_world[0])
+    folder = str(tmp_path_factory.mktemp("rollouts"))
+    collect_rollouts(model, enc, toyworld.World().train_prompts(), toyworld.reward, folder,
+                     SamplingConfig(max_new_tokens=32, samples_per_prompt=4), log=lambda *a: None)
+    return folder

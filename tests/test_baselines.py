@@ -108,10 +108,11 @@ def test_steering_vector_is_the_mean_state_difference():
     assert edit(torch.zeros(3, 2)).tolist() == [[0.5, -0.5]] * 3
 
 
-def test_compare_writes_table_csv_and_plots(tiny_world, tmp_path):
+def test_compare_writes_table_csv_and_plots(tiny_world, tiny_rollouts, tmp_path):
     folder, value = tiny_world
     out = tmp_path / "cmp"
-    summaries = compare.main(["--model", folder, "--value", value, "--out-dir", str(out), "--seeds", "0", "1",
+    summaries = compare.main(["--model", folder, "--value", value, "--rollouts", tiny_rollouts, "--out-dir", str(out),
+                              "--seeds", "0", "1",
                               "--samples-per-prompt", "1", "--sweep-alphas", "0.1"])
     names = [s["method"] for s in summaries]
     assert names == ["base", "prompting", "static editing", "best-of-4", "ARGS (prefix R)", "CD (V next state)",

@@ -1,10 +1,47 @@
 """
 The command line the scripts share: the flags that name a task, a way of sampling and a control, and one-line
 errors. Each group of flags fills a dataclass of the file that uses it (generate.SamplingConfig,
-control.ControlConfig); the scripts build those from the flags, the tests build them directly.
+control.ControlConfig, train_value.TrainingConfig ...); the scripts build those from the flags, the tests build
+them directly.
 """
 
+import argparse
 import sys
+import typing
+from dataclasses import fields
+
+
+def add_config_arguments(parser, config, helps, flags=None):
+    """One flag per field of the dataclass instance `config`, its default the field's: --field-name, or the name
+    flags[field] gives (None: no flag). helps[field] says what it does. config_from_args builds the dataclass back."""
+    for f in fields(config):
+        flag = (flags or {}).get(f.name, f.name.replace("_", "-"))
+        if flag is None:
+            continue
+        default = getattr(config, f.name)
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # float | None -> float
+        if kind is bool:  # --flag and --no-flag
+            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default,
+                                help=helps[f.name])
+        elif kind is tuple:  # any number of values
+            parser.add_argument(f"--{flag}", nargs="*", default=default, help=helps[f.name])
+        else:
+            parser.add_argument(f"--{flag}", type=kind, default=default, help=helps[f.name])
+
+
+def config_from_args(cls, args, flags=None):
+    """The dataclass `cls` from the flags add_config_arguments made for it."""
+    names = {f.name: (flags or {}).get(f.name, f.name.replace("_", "-")) for f in fields(cls)}
+    return cls(**{name: getattr(args, flag.replace("-", "_")) for name, flag in names.items() if flag is not None})
+
+
+def script_parser(doc, prompts, sampling):
+    """The parser of a script that samples a model on a task: its docstring as the description, the task's flags
+    (`prompts`: the default prompt set) and the sampling flags with the SamplingConfig `sampling` as defaults."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_arguments(parser, prompts)
+    add_sampling_arguments(parser, sampling)
+    return parser
 
 
 def add_task_arguments(parser, prompts="toy-test"):
@@ -17,16 +54,18 @@ def add_task_arguments(parser, prompts="toy-test"):
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 
 
-def add_sampling_arguments(parser, samples_per_prompt=1):
-    """The fields of generate.SamplingConfig."""
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="longest response (default: what the context leaves after the longest prompt, <= 128)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="keep the nucleus of probability p")
-    parser.add_argument("--stop", nargs="*", default=(), help="stop strings that end a response (e.g. 'Human:')")
-    parser.add_argument("--samples-per-prompt", type=int, default=samples_per_prompt, help="responses per prompt")
-    parser.add_argument("--batch-size", type=int, default=64, help="responses sampled together")
+SAMPLING_HELP = {"max_new_tokens": "longest response (default: what the context leaves after the longest prompt, "
+                                   "<= 128)",
+                 "temperature": "sampling temperature (0: greedy)", "top_k": "keep the k most likely tokens",
+                 "top_p": "keep the nucleus of probability p",
+                 "stop": "stop strings that end a response (e.g. 'Human:')",
+                 "samples_per_prompt": "responses per prompt", "batch_size": "responses sampled together"}
+SAMPLING_FLAGS = {"eos_ids": None}  # the checkpoint's, else the tokenizer's
+
+
+def add_sampling_arguments(parser, config):
+    """The fields of generate.SamplingConfig, with `config`'s values as defaults."""
+    add_config_arguments(parser, config, SAMPLING_HELP, SAMPLING_FLAGS)
 
 
 def add_control_arguments(parser):

@@ -8,7 +8,6 @@ Writes the table as Markdown and CSV, and the plots as PNG (with matplotlib inst
     python compare.py --model path/to/gpt2 --prompts test.txt --reward sentiment --value gpt2_value.pt
 """
 
-import argparse
 import csv
 import json
 import os
@@ -19,7 +18,7 @@ import torch
 import metrics
 import train_value
 from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
-from cli import add_control_arguments, add_sampling_arguments, add_task_arguments, run_cli
+from cli import add_control_arguments, run_cli, script_parser
 from control import ControlConfig, Controller
 from generate import Method, SamplingConfig, sample_responses
 from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
@@ -106,9 +105,7 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_task_arguments(parser, prompts="toy-test")
-    add_sampling_arguments(parser, samples_per_prompt=4)
+    parser = script_parser(__doc__, prompts="toy-test", sampling=SamplingConfig(samples_per_prompt=4))
     parser.add_argument("--value", default=None,
                         help=f"value checkpoint (toy default: {train_value.DEFAULT_OUT}, trained if missing)")
     parser.add_argument("--rollouts", default=None,

@@ -14,16 +14,15 @@ that puts the base model and RE-Control side by side (E8).
         --step-size 0.5 --n-steps 30
 """
 
-import argparse
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 import metrics
 from baselines import CountingReward
-from cli import add_control_arguments, add_sampling_arguments, add_task_arguments, run_cli
+from cli import SAMPLING_FLAGS, add_control_arguments, config_from_args, run_cli, script_parser
 from control import ControlConfig, Controller
 from model import left_pad
 from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
@@ -49,7 +48,7 @@ class SamplingConfig:
     @classmethod
     def from_args(cls, args):
         """The settings of an argparse namespace built with cli.add_sampling_arguments."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        return config_from_args(cls, args, SAMPLING_FLAGS)
 
 
 @dataclass
@@ -281,9 +280,7 @@ def write_jsonl(path, records):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_task_arguments(parser, prompts="toy-test")
-    add_sampling_arguments(parser)
+    parser = script_parser(__doc__, prompts="toy-test", sampling=SamplingConfig())
     parser.add_argument("--value", default=None, help="value checkpoint from train_value.py (none: base model only)")
     add_control_arguments(parser)
     parser.add_argument("--sweep", type=float, nargs="*", default=None,

@@ -12,7 +12,6 @@ strength of the control (E7) chosen on held-out validation prompts and stored wi
     python train_value.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --out gpt2_value.pt
 """
 
-import argparse
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from checkpoints import write_atomically, write_text_atomically
-from cli import add_sampling_arguments, add_task_arguments, run_cli
+from cli import add_config_arguments, config_from_args, run_cli, script_parser
 from control import Controller
 from generate import SamplingConfig, sample
 from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
@@ -354,53 +353,42 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
     return value, checkpoint, history
 
 
+TRAINING_HELP = {
+    "method": "td: E6's TD(lambda) with stop-gradient; official: the official code's loss as written",
+    "lam": "lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the default: it steers, see README)",
+    "stop_gradient": "hold the TD(lambda) targets fixed (--no-stop-gradient: the gradient flows into them too, as "
+                     "the official codes do)",
+    "gamma": "discount of E6 (the paper: 1)",
+    "epochs": "passes over the training rollouts",
+    "lr": "Adam learning rate (paper: 1e-4 or 1e-3)",
+    "batch_size": "trajectories per training step",
+    "state_noise": "train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)",
+    "held_out": "fraction of prompts held out: they choose the epoch and the radius of the control",
+    "seed": "seed of sampling, the split and training"}
+TRAINING_FLAGS = {"batch_size": "train-batch-size"}
+CALIBRATION_HELP = {
+    "step_size": "alpha of E7 stored with V (calibration uses it)",
+    "n_steps": "n of E7 stored with V (calibration uses it)",
+    "kl_budget": "calibration: the largest mean per-token KL from the base model the control may cost",
+    "target_quantile": "also stop the ascent once V reaches this quantile of the training rewards (e.g. 0.9; "
+                       "default: no target)",
+    "samples_per_prompt": "responses per held-out prompt in the calibration"}
+CALIBRATION_FLAGS = {"samples_per_prompt": "calibration-samples"}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_task_arguments(parser, prompts="toy-train")
-    add_sampling_arguments(parser, samples_per_prompt=48)
+    parser = script_parser(__doc__, prompts="toy-train", sampling=SamplingConfig(samples_per_prompt=48))
     parser.add_argument("--out", default=DEFAULT_OUT, help="the value checkpoint to write")
     parser.add_argument("--rollouts", default=None, help="folder for the rollout shards (default: next to --out)")
-    training, calibration = TrainingConfig(), CalibrationConfig()
-    parser.add_argument("--method", choices=["td", "official"], default=training.method,
-                        help="td: E6's TD(lambda) with stop-gradient; official: the official code's loss as written")
-    parser.add_argument("--lam", type=float, default=training.lam,
-                        help="lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the default: it steers, "
-                             "see README)")
-    parser.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_false",
-                        help="let the gradient flow into the TD(lambda) targets too, as the official codes do")
-    parser.add_argument("--gamma", type=float, default=training.gamma, help="discount of E6 (the paper: 1)")
-    parser.add_argument("--epochs", type=int, default=training.epochs, help="passes over the training rollouts")
-    parser.add_argument("--lr", type=float, default=training.lr, help="Adam learning rate (paper: 1e-4 or 1e-3)")
-    parser.add_argument("--train-batch-size", type=int, default=training.batch_size,
-                        help="trajectories per training step")
-    parser.add_argument("--state-noise", type=float, default=training.state_noise,
-                        help="train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)")
-    parser.add_argument("--held-out", type=float, default=training.held_out,
-                        help="fraction of prompts held out: they choose the epoch and the radius of the control")
-    parser.add_argument("--seed", type=int, default=training.seed, help="seed of sampling, the split and training")
+    add_config_arguments(parser, TrainingConfig(), TRAINING_HELP, TRAINING_FLAGS)
+    add_config_arguments(parser, CalibrationConfig(), CALIBRATION_HELP, CALIBRATION_FLAGS)
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
-    parser.add_argument("--step-size", type=float, default=calibration.step_size,
-                        help="alpha of E7 stored with V (calibration uses it)")
-    parser.add_argument("--n-steps", type=int, default=calibration.n_steps,
-                        help="n of E7 stored with V (calibration uses it)")
-    parser.add_argument("--kl-budget", type=float, default=calibration.kl_budget,
-                        help="calibration: the largest mean per-token KL from the base model the control may cost")
-    parser.add_argument("--target-quantile", type=float, default=calibration.target_quantile,
-                        help="also stop the ascent once V reaches this quantile of the training rewards (e.g. 0.9; "
-                             "default: no target)")
-    parser.add_argument("--calibration-samples", type=int, default=calibration.samples_per_prompt,
-                        help="responses per held-out prompt")
     args = parser.parse_args(argv)
     try:  # every setting is checked before any work
-        training = TrainingConfig(method=args.method, lam=args.lam, stop_gradient=args.stop_gradient,
-                                  gamma=args.gamma, epochs=args.epochs, lr=args.lr,
-                                  batch_size=args.train_batch_size, state_noise=args.state_noise,
-                                  held_out=args.held_out, seed=args.seed)
-        calibration = CalibrationConfig(step_size=args.step_size, n_steps=args.n_steps, kl_budget=args.kl_budget,
-                                        target_quantile=args.target_quantile,
-                                        samples_per_prompt=args.calibration_samples)
+        training = config_from_args(TrainingConfig, args, TRAINING_FLAGS)
+        calibration = config_from_args(CalibrationConfig, args, CALIBRATION_FLAGS)
     except ValueError as e:
         parser.error(str(e))
 

@@ -5,40 +5,25 @@ same machine, same run: greedy, a 32-token prompt, 64 new tokens, batch 1 and 8.
     python benchmarks/bench_model.py
 """
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 
 import torch
+
+from timing import apply_threads, benchmark_parser, best_time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import from_pretrained  # noqa: E402
 from generate import SamplingConfig, sample  # noqa: E402
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
-    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated per row")
+    parser = benchmark_parser(__doc__, new_tokens=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--dtype", default="float32", help="dtype of both models: float32 or bfloat16")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -50,7 +35,7 @@ def main(argv=None):
     print(f"GPT-2 small, random weights, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
     for B in args.batch_sizes:
-        prompt = torch.randint(0, 50257, (B, args.prompt_len))
+        prompt = torch.randint(0, 50257, (B, args.prompt_tokens))
         n = args.new_tokens
 
         def ours_generate():
@@ -63,7 +48,7 @@ def main(argv=None):
 
         def ours_prefill():
             with torch.no_grad():
-                ours.head(ours.states(prompt, ours.new_cache(B, args.prompt_len))[:, -1])
+                ours.head(ours.states(prompt, ours.new_cache(B, args.prompt_tokens))[:, -1])
 
         def hf_prefill():
             with torch.no_grad():
@@ -71,7 +56,7 @@ def main(argv=None):
 
         t_ours, t_hf = best_time(ours_generate, args.repeats), best_time(hf_generate, args.repeats)
         p_ours, p_hf = best_time(ours_prefill, args.repeats), best_time(hf_prefill, args.repeats)
-        tokens, prefill_tokens = B * n, B * args.prompt_len
+        tokens, prefill_tokens = B * n, B * args.prompt_tokens
         print(f"{B:>5} {tokens / t_ours:>11.1f} {tokens / t_hf:>10.1f} {t_hf / t_ours:>6.2f} "
               f"{prefill_tokens / p_ours:>19.0f} {prefill_tokens / p_hf:>17.0f}")
 

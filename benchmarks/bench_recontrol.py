@@ -7,12 +7,12 @@ shape of any preset of model.py (GPT-2 small, Llama ...).
     python benchmarks/bench_recontrol.py --preset gpt2 --batch-size 1 --prompt-tokens 32 --new-tokens 64
 """
 
-import argparse
 import os
 import sys
-import time
 
 import torch
+
+from timing import apply_threads, benchmark_parser, best_time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toyworld  # noqa: E402
@@ -23,14 +23,12 @@ from value import ValueConfig, ValueFunction  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, new_tokens=32)
     parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
     parser.add_argument("--preset", default=None, choices=list(PRESETS),
                         help="random weights of this shape instead of the toy base model")
-    parser.add_argument("--prompt-tokens", type=int, default=32, help="with --preset: random prompt length")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per response")
     args = parser.parse_args(argv)
+    apply_threads(args)
     if args.preset:
         torch.manual_seed(0)
         model, enc = GPT(GPTConfig.preset(args.preset)).eval(), None
@@ -44,15 +42,10 @@ def main(argv=None):
     eos_ids = [] if args.preset else None  # random weights: every response runs its full length
 
     def timed(**kwargs):
-        best, tokens = float("inf"), 0
-        for r in range(args.repeats + 1):  # the first run warms up
-            t0 = time.perf_counter()
-            out = sample(model, prompts, SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids), tokenizer=enc,
-                         seed=r, **kwargs)
-            if r:
-                best = min(best, time.perf_counter() - t0)
-                tokens = sum(len(t) for t in out.tokens)
-        return tokens / best
+        """Tokens per second of sampling the batch with these plug-ins."""
+        config = SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids)
+        tokens = sum(len(t) for t in sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs).tokens)
+        return tokens / best_time(lambda: sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs), args.repeats)
 
     plain = timed()
     print(f"{args.preset or 'toy'} base model, batch {args.batch_size}, {torch.get_num_threads()} threads")

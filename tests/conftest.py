@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+from model import GPT, GPTConfig  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 96
@@ -47,6 +48,15 @@ def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, **save_kwargs)
     return model
+
+
+def random_model(kind):
+    """A random 2-layer GPT-2 or Llama-layout model of ours (no transformers needed)."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT(GPTConfig(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    return GPT(GPTConfig.preset("llama-3.2-1b", vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                                n_embd=32, intermediate_size=64)).eval()
 
 
 TOKENIZER_TEXTS = [

@@ -5,7 +5,7 @@ import torch
 
 from generate import SamplingConfig, sample
 from model import GPT, GPTConfig
-from control import Controller
+from control import ControlConfig, Controller
 from value import ValueConfig, ValueFunction
 
 
@@ -149,3 +149,16 @@ def test_controller_refuses_nonsense_settings(value):
     for kwargs in ({"step_size": float("nan")}, {"n_steps": 2.5}, {"target": float("nan")}, {"radius": float("nan")}):
         with pytest.raises(ValueError):
             Controller(value, **{"step_size": 0.1, "n_steps": 3, **kwargs})
+
+
+def test_control_settings_come_from_the_flags_then_the_checkpoint_then_the_paper():
+    stored = {"step_size": 3.2, "n_steps": 20, "radius": 0.5, "target": 0.7}  # as train_value.py stores them
+    assert ControlConfig.chosen({}) == ControlConfig(step_size=0.5, n_steps=30)
+    assert ControlConfig.chosen(stored) == ControlConfig(step_size=3.2, n_steps=20, radius=0.5, target=0.7)
+    flags = ControlConfig.chosen(stored, step_size=1.0, radius=float("inf"), target="none", l2=0.1)
+    assert flags == ControlConfig(step_size=1.0, n_steps=20, l2=0.1, radius=float("inf"), target=None)
+    assert ControlConfig.chosen(stored, target="0.25").target == 0.25
+    with pytest.raises(ValueError, match="the target must be a number, 'none' or 'auto', got 'high'"):
+        ControlConfig.chosen(stored, target="high")
+    assert ControlConfig(step_size=3.2, n_steps=20).with_total(64) == ControlConfig(step_size=3.2, n_steps=20)
+    assert ControlConfig(n_steps=0).with_total(8) == ControlConfig(step_size=8.0, n_steps=1)

@@ -10,7 +10,6 @@ import torch
 import generate
 import toyworld
 from checkpoints import from_pretrained, save_pretrained
-from cli import run_cli
 from conftest import ROLLOUT_FLAGS
 from generate import SamplingConfig
 from model import GPT, GPTConfig
@@ -96,13 +95,6 @@ def test_bad_inputs_are_clear_errors(tiny_world, tmp_path):
     save_tokenizer(toyworld.encoding(), str(other))
     with pytest.raises(ValueError, match="whose weights differ"):
         generate.main(generate_args(str(other), value))
-
-
-def test_run_cli_turns_input_errors_into_one_line(capsys):
-    def broken():
-        raise ValueError("unknown reward 'nice'; use one of toy, sentiment")
-    with pytest.raises(SystemExit, match="error: unknown reward 'nice'"):
-        run_cli(broken)
 
 
 def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):

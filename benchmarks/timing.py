@@ -1,0 +1,32 @@
+"""What the speed benchmarks share: the best of a few timed runs after a warm-up, and their flags."""
+
+import argparse
+import time
+
+import torch
+
+
+def benchmark_parser(doc, new_tokens):
+    """A parser with the flags every speed benchmark has: the shape of the job, the repeats and the threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens per row (random prompts)")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per row")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up; the best is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser
+
+
+def apply_threads(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def best_time(fn, repeats):
+    """The shortest wall time of `repeats` calls of fn(), after one call that warms up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -1,11 +1,15 @@
 """
-The command line the scripts share: the flags that name a task, a way of sampling and a control, and one-line
-errors. Each group of flags fills a dataclass of the file that uses it (generate.SamplingConfig,
-control.ControlConfig, train_value.TrainingConfig ...); the scripts build those from the flags, the tests build
-them directly.
+The command line the scripts share: the flags that name a task, a way of sampling and a control; their checks
+before any work; one-line errors and exit codes. Each group of flags fills a dataclass of the file that uses it
+(generate.SamplingConfig, control.ControlConfig, train_value.TrainingConfig ...), whose own checks say what is wrong
+with a value; the scripts build those from the flags, the tests build them directly.
+
+Exit codes: 0 done; 1 the run could not produce its output (nothing written); 2 a bad flag (nothing done);
+130 interrupted with Ctrl-C.
 """
 
 import argparse
+import math
 import sys
 import typing
 from dataclasses import fields
@@ -35,10 +39,49 @@ def config_from_args(cls, args, flags=None):
     return cls(**{name: getattr(args, flag.replace("-", "_")) for name, flag in names.items() if flag is not None})
 
 
+def require(*rules):
+    """Raise one ValueError that names every failed rule, each an (ok, message) pair; NaN fails every comparison."""
+    problems = [message for ok, message in rules if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def is_whole(x, least):
+    return isinstance(x, (int, float)) and x == x and int(x) == x and x >= least
+
+
+def is_finite(x, least, strictly=False):
+    return isinstance(x, (int, float)) and math.isfinite(x) and (x > least if strictly else x >= least)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the script's docstring as it is written, and each flag's default after its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, (), [], argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def new_parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def checked(parser, build):
+    """The settings build() makes from the flags, checked before any work: a ValueError there is a bad flag,
+    reported as a usage error (exit code 2)."""
+    try:
+        return build()
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def script_parser(doc, prompts, sampling):
     """The parser of a script that samples a model on a task: its docstring as the description, the task's flags
     (`prompts`: the default prompt set) and the sampling flags with the SamplingConfig `sampling` as defaults."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(doc)
     add_task_arguments(parser, prompts)
     add_sampling_arguments(parser, sampling)
     return parser
@@ -81,9 +124,15 @@ def add_control_arguments(parser):
                         help="keep ||u|| <= radius * ||o_t|| (default: as calibrated with V; inf: no limit)")
 
 
-def run_cli(main):
-    """Run a script's main(); a mistake in its input ends with one line that names it, not a traceback."""
+def run_cli(main, interrupted="interrupted; nothing was written"):
+    """Run a script's main(); a problem with its input ends with one line that names it, not a traceback
+    (exit code 1), and Ctrl-C with the line `interrupted` (exit code 130)."""
     try:
         main()
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        sys.exit(f"error: {e if isinstance(e, OSError) or not e.args else e.args[0]}")
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
+    except KeyError as e:  # ours carry a sentence; str() would quote it
+        sys.exit(f"error: {e.args[0] if e.args else e}")
+    except (ValueError, OSError, ImportError) as e:
+        sys.exit(f"error: {e}")

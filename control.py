@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from cli import is_finite, is_whole, require
+
 # -----------------------------------------------------------------------------
 # settings
 
@@ -23,6 +25,16 @@ class ControlConfig:
     l2: float = 0.0  # lambda of E4/E7, the penalty on ||u||^2
     radius: float | None = None  # ||u|| <= radius * ||o_t||; None: no limit
     target: float | None = None  # a row stops climbing once V(o_t + u) >= target; None: always n steps
+
+    def __post_init__(self):
+        require((is_finite(self.step_size, 0), f"the step size (--step-size) must be a number >= 0, got {self.step_size}"),
+                (is_whole(self.n_steps, 0), f"the steps (--n-steps) must be a whole number >= 0, got {self.n_steps}"),
+                (is_finite(self.l2, 0), f"l2 (--l2) must be a number >= 0, got {self.l2}"),
+                (self.radius is None or self.radius > 0,
+                 f"the radius (--radius) must be > 0 (inf: no limit), got {self.radius}"),
+                (self.target is None or is_finite(self.target, -math.inf),
+                 f"the target value (--target) must be a finite number, 'none' or 'auto', got {self.target}"))
+        self.n_steps = int(self.n_steps)
 
     @classmethod
     def chosen(cls, stored, step_size=None, n_steps=None, radius=None, target="auto", l2=0.0):
@@ -69,17 +81,9 @@ class Controller:
     """
 
     def __init__(self, value, step_size=0.5, n_steps=30, l2=0.0, radius=None, target=None):
-        if not (step_size >= 0 and n_steps >= 0 and l2 >= 0):  # also refuses NaN
-            raise ValueError(f"the control needs step size >= 0, steps >= 0 and l2 >= 0; got step size "
-                             f"{step_size}, {n_steps} steps, l2 {l2}")
-        if int(n_steps) != n_steps:
-            raise ValueError(f"the number of control steps must be a whole number, got {n_steps}")
-        if radius is not None and not radius > 0:
-            raise ValueError(f"the radius must be > 0 (or None for no limit), got {radius}")
-        if target is not None and not math.isfinite(target):
-            raise ValueError(f"the target value must be a finite number (or None), got {target}")
-        self.value, self.step_size, self.n_steps, self.l2 = value, step_size, int(n_steps), l2
-        self.radius, self.target = radius, target
+        config = ControlConfig(step_size, n_steps, l2, radius, target)  # checks every setting
+        self.value, self.step_size, self.n_steps, self.l2 = value, config.step_size, config.n_steps, config.l2
+        self.radius, self.target = config.radius, config.target
         self.steps_taken = 0  # with a target: ascent steps summed over rows and calls, what the early stop saves
 
     @classmethod

@@ -22,7 +22,8 @@ import torch
 
 import metrics
 from baselines import CountingReward
-from cli import SAMPLING_FLAGS, add_control_arguments, config_from_args, run_cli, script_parser
+from cli import (SAMPLING_FLAGS, add_control_arguments, config_from_args, is_finite, is_whole, require, run_cli,
+                 script_parser)
 from control import ControlConfig, Controller
 from model import left_pad
 from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
@@ -44,6 +45,19 @@ class SamplingConfig:
     eos_ids: tuple | None = None  # tokens that end a response; None: the checkpoint's, else the tokenizer's
     samples_per_prompt: int = 1
     batch_size: int = 64  # responses sampled together
+
+    def __post_init__(self):
+        self.stop = tuple(self.stop)
+        require((self.max_new_tokens is None or is_whole(self.max_new_tokens, 1),
+                 f"--max-new-tokens must be a whole number >= 1, got {self.max_new_tokens}"),
+                (is_finite(self.temperature, 0), f"--temperature must be a number >= 0 (0: greedy), got {self.temperature}"),
+                (self.top_k is None or is_whole(self.top_k, 1), f"--top-k must be a whole number >= 1, got {self.top_k}"),
+                (self.top_p is None or is_finite(self.top_p, 0, strictly=True) and self.top_p <= 1,
+                 f"--top-p must be in (0, 1], got {self.top_p}"),
+                (all(isinstance(s, str) and s for s in self.stop), f"--stop strings must not be empty, got {self.stop}"),
+                (is_whole(self.samples_per_prompt, 1),
+                 f"--samples-per-prompt must be a whole number >= 1, got {self.samples_per_prompt}"),
+                (is_whole(self.batch_size, 1), f"--batch-size must be a whole number >= 1, got {self.batch_size}"))
 
     @classmethod
     def from_args(cls, args):

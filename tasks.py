@@ -17,7 +17,7 @@ import os
 import torch
 
 import toyworld
-from checkpoints import from_pretrained, resolve_checkpoint
+from checkpoints import from_pretrained, resolve_checkpoint, resolve_dtype
 from model import left_pad
 from tokenizer import load_tokenizer
 
@@ -27,12 +27,33 @@ from tokenizer import load_tokenizer
 
 def load_model(spec, dtype=None, device=None, log=print):
     """(model, tokenizer) for a toy world ("toy", "toy-long", "toy@seed"; toyworld.VARIANTS) or anything
-    checkpoints.from_pretrained loads."""
+    checkpoints.from_pretrained loads; in `dtype` (default: as stored) on `device` (default: cpu)."""
     if toyworld.is_variant(spec):
         model, enc = toyworld.load_variant(spec, log=log)
-        return model.to(device) if device else model, enc
-    model = from_pretrained(spec, dtype=dtype, device=device)
+        return model.to(dtype=resolve_dtype(dtype), device=check_device(device)), enc
+    model = from_pretrained(spec, dtype=dtype, device=check_device(device))
     return model, load_tokenizer(resolve_checkpoint(spec))
+
+
+def check_device(device):
+    """The torch.device that --device names (None: the default, cpu), refused when this machine has none."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA devices here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: the MPS backend is not available here; use --device cpu")
+    return device
+
+
+def check_task_flags(args):
+    """--dtype and --device, checked before anything is loaded."""
+    resolve_dtype(args.dtype)
+    check_device(args.device)
 
 
 def check_prompts_fit(model, enc, prompts, max_new_tokens=None):
@@ -64,41 +85,56 @@ def hh_prompt(dialogue):
     return dialogue[:cut + len(HH_ASSISTANT)]
 
 
+def read_lines(path):
+    """The lines of a UTF-8 text file, gzip-compressed when its name ends in .gz; any problem named with the file."""
+    if os.path.isdir(path):
+        raise ValueError(f"prompt file {path} is a folder; pass a .txt, .jsonl or .jsonl.gz file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file {path} does not exist (or use toy-train / toy-test)")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except gzip.BadGzipFile:
+        raise ValueError(f"{path} is not gzip-compressed, though its name ends in .gz; rename it or compress it") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
 def load_prompts(path):
     """Prompts from "toy-train" / "toy-test", a text file (one per line), JSONL with a "prompt" field, or
     Anthropic HH-RLHF .jsonl / .jsonl.gz files (records with "chosen" and "rejected" dialogues)."""
     if path in ("toy-train", "toy-test"):
         world = toyworld.World()
         return world.train_prompts() if path == "toy-train" else world.test_prompts()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file {path} does not exist (or use toy-train / toy-test)")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_lines(path)
     if path.removesuffix(".gz").endswith((".jsonl", ".json")):
-        prompts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
-            if isinstance(record, dict) and "prompt" in record:
-                prompts.append(record["prompt"])
-            elif isinstance(record, dict) and "chosen" in record:
-                try:
-                    prompts.append(hh_prompt(record["chosen"]))
-                except ValueError as e:
-                    raise ValueError(f"{path}, line {n}: {e}") from None
-            else:
-                raise ValueError(f"{path}, line {n}: expected a JSON object with a \"prompt\" field "
-                                 "(or HH-RLHF's \"chosen\")")
+        prompts = [prompt_of_record(line, f"{path}, line {n}") for n, line in enumerate(lines, 1) if line.strip()]
     else:
         prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompts; write one prompt per line (or JSONL with a \"prompt\" field)")
     return prompts
+
+
+def prompt_of_record(line, where):
+    """The prompt of one JSONL record: its "prompt" field, or the dialogue of HH-RLHF's "chosen" up to the answer."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    if isinstance(record, dict) and "prompt" in record:
+        prompt = record["prompt"]
+    elif isinstance(record, dict) and isinstance(record.get("chosen"), str):
+        try:
+            prompt = hh_prompt(record["chosen"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    else:
+        raise ValueError(f"{where}: expected a JSON object with a \"prompt\" field (or HH-RLHF's \"chosen\")")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: the prompt must be a non-empty string, got {prompt!r}")
+    return prompt
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +181,29 @@ class RewardModel:
         return torch.cat(scores)
 
 
+class CheckedReward:
+    """A reward function whose every answer is checked: one finite number per response, as a float tensor (N,).
+    A reward that raises, or answers with the wrong shape or NaN, is an error that names it."""
+
+    def __init__(self, function, name):
+        self.function, self.name = function, name
+
+    def __call__(self, prompts, responses):
+        try:
+            scores = self.function(prompts, responses)
+            scores = torch.as_tensor(scores, dtype=torch.float32).cpu()
+        except Exception as e:
+            raise ValueError(f"reward {self.name!r} failed on {len(responses)} responses: {type(e).__name__}: {e}") from e
+        if scores.shape != (len(responses),):
+            raise ValueError(f"reward {self.name!r} returned shape {tuple(scores.shape)} for {len(responses)} "
+                             f"responses; it must return one number per response, shape ({len(responses)},)")
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"reward {self.name!r} returned {scores[bad[0]].item()} for {len(bad)} of "
+                             f"{len(responses)} responses (e.g. {responses[bad[0]]!r}); it must return finite numbers")
+        return scores
+
+
 REWARDS = {"toy": toyworld.reward, "sentiment": english_sentiment}
 
 
@@ -154,19 +213,20 @@ def grammar_check(spec):
 
 
 def load_reward(spec, device=None):
-    """The reward function named by `spec` (see the top of this file)."""
+    """The reward function named by `spec` (see the top of this file), its answers checked (CheckedReward)."""
     if spec in REWARDS:
-        return REWARDS[spec]
+        return CheckedReward(REWARDS[spec], spec)
     if spec.startswith("rm:"):
-        return RewardModel(spec[3:], device=device)
+        return CheckedReward(RewardModel(spec[3:], device=device), spec)
     if ":" in spec:
         module_name, function_name = spec.rsplit(":", 1)
         try:
             function = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {spec!r}: cannot import {function_name} from {module_name} ({e})") from None
+        except Exception as e:  # a missing module or name, or a module that fails when imported
+            raise ValueError(f"reward {spec!r}: cannot import {function_name} from {module_name} "
+                             f"({type(e).__name__}: {e})") from None
         if not callable(function):
             raise ValueError(f"reward {spec!r}: {function_name} is not callable")
-        return function
+        return CheckedReward(function, spec)
     raise ValueError(f"unknown reward {spec!r}; use one of {', '.join(REWARDS)}, rm:<reward model folder>, "
                      "or module:function")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from checkpoints import write_atomically, write_text_atomically
-from cli import add_config_arguments, config_from_args, run_cli, script_parser
+from cli import add_config_arguments, checked, config_from_args, is_finite, is_whole, require, run_cli, script_parser
 from control import Controller
 from generate import SamplingConfig, sample
 from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
@@ -49,14 +49,14 @@ class TrainingConfig:
     seed: int = 0  # of the split, the initialisation and the batches (rollouts use it too)
 
     def __post_init__(self):
-        if self.method not in ("td", "official"):
-            raise ValueError(f"method must be 'td' or 'official', got {self.method!r}")
-        if not 0 <= self.held_out < 1:
-            raise ValueError(f"the held-out fraction must be in [0, 1), got {self.held_out}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"lambda must be in [0, 1], got {self.lam}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        require((self.method in ("td", "official"), f"--method must be 'td' or 'official', got {self.method!r}"),
+                (0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}"),
+                (0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}"),
+                (is_whole(self.epochs, 1), f"--epochs must be a whole number >= 1, got {self.epochs}"),
+                (is_finite(self.lr, 0, strictly=True), f"--lr must be a number > 0, got {self.lr}"),
+                (is_whole(self.batch_size, 1), f"--train-batch-size must be a whole number >= 1, got {self.batch_size}"),
+                (is_finite(self.state_noise, 0), f"--state-noise must be a number >= 0, got {self.state_noise}"),
+                (0 <= self.held_out < 1, f"--held-out must be in [0, 1), got {self.held_out}"))
 
 
 @dataclass
@@ -69,10 +69,13 @@ class CalibrationConfig:
     samples_per_prompt: int = 16  # responses per held-out prompt
 
     def __post_init__(self):
-        if not (self.kl_budget > 0 and self.n_steps > 0 and self.step_size > 0):
-            raise ValueError("the KL budget, the step size and the number of steps must be > 0")
-        if self.target_quantile is not None and not 0 <= self.target_quantile <= 1:
-            raise ValueError(f"the target quantile must be in [0, 1], got {self.target_quantile}")
+        require((is_finite(self.step_size, 0, strictly=True), f"--step-size must be a number > 0, got {self.step_size}"),
+                (is_whole(self.n_steps, 1), f"--n-steps must be a whole number >= 1, got {self.n_steps}"),
+                (is_finite(self.kl_budget, 0, strictly=True), f"--kl-budget must be a number > 0, got {self.kl_budget}"),
+                (self.target_quantile is None or 0 <= self.target_quantile <= 1,
+                 f"--target-quantile must be in [0, 1], got {self.target_quantile}"),
+                (is_whole(self.samples_per_prompt, 1),
+                 f"--calibration-samples must be a whole number >= 1, got {self.samples_per_prompt}"))
 
 
 # -----------------------------------------------------------------------------

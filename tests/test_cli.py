@@ -23,13 +23,13 @@ def test_sampling_flags_fill_a_sampling_config():
     parser = script_parser("doc", prompts="toy-test", sampling=SamplingConfig(samples_per_prompt=4))
     assert SamplingConfig.from_args(parser.parse_args([])) == SamplingConfig(samples_per_prompt=4)
     args = parser.parse_args(["--top-p", "0.9", "--stop", "Human:", "--max-new-tokens", "16"])
-    assert SamplingConfig.from_args(args) == SamplingConfig(max_new_tokens=16, top_p=0.9, stop=["Human:"],
+    assert SamplingConfig.from_args(args) == SamplingConfig(max_new_tokens=16, top_p=0.9, stop=("Human:",),
                                                             samples_per_prompt=4)
 
 
-@pytest.mark.parametrize("flags, message", [(["--lam", "2"], "lambda must be in"),
-                                            (["--method", "mc"], "method must be 'td' or 'official'"),
-                                            (["--kl-budget", "0"], "the KL budget")])
+@pytest.mark.parametrize("flags, message", [(["--lam", "2"], "--lam must be in [0, 1], got 2.0"),
+                                            (["--method", "mc"], "--method must be"),
+                                            (["--kl-budget", "0"], "--kl-budget must be a number > 0")])
 def test_train_value_refuses_bad_settings_before_any_work(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(train_value, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit):

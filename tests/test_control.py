@@ -110,8 +110,10 @@ def test_batched_control_equals_one_by_one(model, value):
         assert sample(model, [p], SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]), edit=controller).tokens[0] == batch.tokens[i]
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(step_size=-0.1), "step size >= 0"), (dict(n_steps=-1), "steps >= 0"),
-                                          (dict(l2=-1.0), "l2 >= 0"), (dict(radius=0.0), "radius must be > 0")])
+@pytest.mark.parametrize("kwargs,match", [(dict(step_size=-0.1), r"step size \(--step-size\) must be a number >= 0, got -0.1"),
+                                          (dict(n_steps=-1), r"steps \(--n-steps\) must be a whole number >= 0"),
+                                          (dict(l2=-1.0), r"l2 \(--l2\) must be a number >= 0"),
+                                          (dict(radius=0.0), r"radius \(--radius\) must be > 0")])
 def test_bad_control_settings_are_clear_errors(value, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Controller(value, **kwargs)

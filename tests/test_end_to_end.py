@@ -83,9 +83,9 @@ def test_bad_inputs_are_clear_errors(tiny_world, tmp_path):
         generate.main(generate_args(folder) + ["--prompts", str(empty)])
     with pytest.raises(ValueError, match="unknown reward 'nice'"):
         generate.main(generate_args(folder) + ["--reward", "nice"])
-    with pytest.raises(ValueError, match="step size >= 0"):
+    with pytest.raises(ValueError, match="--step-size"):
         generate.main(generate_args(folder, value, "--step-size", "-0.5"))
-    with pytest.raises(ValueError, match="steps >= 0"):
+    with pytest.raises(ValueError, match="--n-steps"):
         generate.main(generate_args(folder, value, "--n-steps", "-3"))
     with pytest.raises(ValueError, match="exceeds the model's context of 48"):
         generate.main(generate_args(folder) + ["--max-new-tokens", "60"])
@@ -163,7 +163,7 @@ def test_prompt_files(tmp_path):
 def test_rewards(tmp_path):
     sentiment = load_reward("sentiment")
     assert sentiment(["", ""], ["What a wonderful, lovely day.", "This is not good at all."]).tolist() == [1.0, -1.0]
-    assert load_reward("toyworld:reward") is toyworld.reward
+    assert load_reward("toyworld:reward").function is toyworld.reward
     with pytest.raises(ValueError, match="cannot import nothing from toyworld"):
         load_reward("toyworld:nothing")
 
@@ -177,7 +177,7 @@ def test_reward_model_through_model_py(tmp_path):
     scores = rm(prompts, responses)
     with torch.no_grad():
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            ids = torch.tensor([rm.tokenizer.encode(p + r)])
+            ids = torch.tensor([rm.function.tokenizer.encode(p + r)])
             assert abs(scores[i] - ref(ids).logits[0, 0]) <= 1e-4
     tiny_gpt2(tmp_path / "lm", vocab_size=400)
     train_gpt2_files(tmp_path / "lm")

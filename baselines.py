@@ -42,8 +42,11 @@ def steering_vector(rollouts, prompt_ids, quantile=0.5):
     means, rewards = torch.stack(means), torch.tensor(rewards)
     threshold = rewards.quantile(quantile)
     high, low = rewards > threshold, rewards <= threshold
+    if not high.any():  # the quantile is the largest reward (few distinct values): split just below it
+        high, low = rewards >= threshold, rewards < threshold
     if not high.any() or not low.any():
-        raise ValueError("every rollout has the same reward; a steering vector needs high and low ones")
+        raise ValueError(f"all {len(rewards)} rollouts have the same reward ({rewards[0].item():g}); a steering vector "
+                         "needs higher and lower ones")
     return means[high].mean(0) - means[low].mean(0)
 
 

@@ -13,6 +13,7 @@ Nothing is unpickled: .bin/.pth files are read with torch.load(weights_only=True
 import glob
 import json
 import os
+import zipfile
 from dataclasses import asdict
 
 import torch
@@ -41,6 +42,45 @@ def write_text_atomically(path, text):
         with open(tmp, "w") as f:
             f.write(text)
     write_atomically(path, write)
+
+
+def as_json(x):
+    """x as JSON would give it back (tuples become lists), so that recorded and current settings compare equal."""
+    return json.loads(json.dumps(x))
+
+
+def differences(recorded, current, prefix=""):
+    """What differs between two (nested) settings dicts, as 'key: recorded -> current' phrases."""
+    recorded, current = as_json(recorded), as_json(current)
+    found = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, "(not recorded)"), current.get(key, "(not recorded)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {str(old)[:60]} -> {str(new)[:60]}")
+    return found
+
+
+def check_overwrite(path, made_by, read_made_by, overwrite, flag="--out"):
+    """Before a run writes `path`: a file that is there already is replaced only when it was made by the same job
+    (read_made_by(path) records the same settings as made_by) or with --overwrite; else a ValueError says why.
+    made_by None: only check that the file was made by this tool (before the job's settings are all known)."""
+    if overwrite or not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; name a file")
+    try:
+        recorded = read_made_by(path)
+    except Exception:
+        recorded = None
+    if recorded is None:
+        raise ValueError(f"{flag} {path} exists and was not written by this tool; choose another path, or pass "
+                         "--overwrite to replace it")
+    changed = differences(recorded, made_by) if made_by is not None else []
+    if changed:
+        raise ValueError(f"{flag} {path} was made with other settings ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}); choose another path, or pass --overwrite to replace it")
 
 
 def save_pretrained(model, folder):
@@ -150,7 +190,8 @@ class Weights:
                 handle = safe_open(path, framework="pt")
                 self.files[name] = {k: (lambda k=k, h=handle: h.get_tensor(k)) for k in handle.keys()}
             else:
-                data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                # zip files (torch >= 1.6) are mapped, not read; the legacy format is read whole. No unpickling of code
+                data = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
                 if "state_dict" in data and isinstance(data["state_dict"], dict):
                     data = data["state_dict"]
                 self.files[name] = {k: (lambda t=t: t) for k, t in data.items() if torch.is_tensor(t)}

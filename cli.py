@@ -10,6 +10,7 @@ Exit codes: 0 done; 1 the run could not produce its output (nothing written); 2 
 
 import argparse
 import math
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -67,6 +68,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def new_parser(doc):
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def check_not_an_input(out, inputs, flag="--out"):
+    """An output path must not be one of the run's inputs ({what: path or [paths]}): it would be overwritten."""
+    for what, paths in inputs.items():
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(out):
+                raise ValueError(f"{flag} {out} is also the {what}; write the output to another file")
 
 
 def checked(parser, build):

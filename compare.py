@@ -141,7 +141,7 @@ def main(argv=None):
         args.value = train_value.DEFAULT_OUT
         if not os.path.exists(args.value):
             train_value.main([])  # the toy world's value, as `python train_value.py` makes it
-    value, checkpoint = load_value(args.value, model, args.model)
+    value, checkpoint = load_value(args.value, model, args.model, args.reward)
     control = ControlConfig.chosen(checkpoint.get("control") or {}, args.step_size, args.n_steps, args.radius,
                                    args.target, args.l2)
     rollouts_folder = args.rollouts or checkpoint["train_args"].get("rollouts")

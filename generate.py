@@ -16,19 +16,21 @@ that puts the base model and RE-Control side by side (E8).
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 import metrics
 from baselines import CountingReward
-from cli import (SAMPLING_FLAGS, add_control_arguments, config_from_args, is_finite, is_whole, require, run_cli,
-                 script_parser)
+from checkpoints import check_overwrite, write_text_atomically
+from cli import (SAMPLING_FLAGS, add_control_arguments, check_not_an_input, checked, config_from_args, is_finite,
+                 is_whole, require, run_cli, script_parser)
 from control import ControlConfig, Controller
 from model import left_pad
-from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
+from tasks import (check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward,
+                   prompts_digest)
 from tokenizer import end_of_sequence_ids
-from value import load_value
+from value import load_value, model_fingerprint
 
 # -----------------------------------------------------------------------------
 # settings
@@ -210,6 +212,7 @@ class Method:
     guide: object = None  # (prompts, counting reward) -> a rescore hook (reward-guided decoding)
     instruction: str = ""  # prepended to every prompt (prompting)
     best_of: int = 1  # N of best-of-N: the reward keeps the best of N samples
+    value: object = None  # a value function: the responses' states are kept and V of the first and last recorded
 
 
 def sample_responses(method, model, enc, prompts, reward_fn, config, seed, record_states=False):
@@ -243,22 +246,22 @@ def sample_responses(method, model, enc, prompts, reward_fn, config, seed, recor
     return rows, {"seconds": seconds, "tokens": n_tokens, "reward_calls": counting.calls}
 
 
-def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, value=None, is_grammatical=None):
+def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, is_grammatical=None):
     """Every method on every prompt for every seed (E8). Returns one summary row per method (metrics.summarize_runs)
-    and every response as a record: method, seed, prompt, response, reward, KL, and with `value` the values of
-    the response's first and last states, with `is_grammatical` the toy grammar's verdict."""
+    and every response as a record: method, seed, prompt, response, reward, KL, and with the method's value the
+    values of the response's first and last states, with `is_grammatical` the toy grammar's verdict."""
     summaries, records = [], []
     for method in methods:
-        runs = [sample_responses(method, model, enc, prompts, reward_fn, config, seed, record_states=value is not None)
-                for seed in seeds]
+        runs = [sample_responses(method, model, enc, prompts, reward_fn, config, seed,
+                                 record_states=method.value is not None) for seed in seeds]
         summaries.append(metrics.summarize_runs(method.name, runs, model, enc, is_grammatical))
         for seed, (rows, _) in zip(seeds, runs):
             for row in rows:
                 record = {"method": method.name, "seed": seed, "prompt": row["prompt"], "response": row["response"],
                           "reward": row["reward"], "kl": row["kl"]}
-                if value is not None:  # the value of the first and the last state of the response
+                if method.value is not None:  # the value of the first and the last state of the response
                     with torch.no_grad():
-                        record["value_start"], record["value_end"] = value(row["states"][[0, -1]]).tolist()
+                        record["value_start"], record["value_end"] = method.value(row["states"][[0, -1]]).tolist()
                 if is_grammatical is not None:
                     record["grammatical"] = is_grammatical(row["response"])
                 records.append(record)
@@ -287,48 +290,70 @@ def print_report(summaries, records=(), examples=0):
                 print(f"  {r['method']:>12} {r['reward']:+.2f}  {r['response']!r}")
 
 
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
+def write_jsonl(path, records, made_by):
+    """Every response as a JSON line, after a first line {"made_by": ...} that records the settings that made them."""
+    lines = [json.dumps({"made_by": made_by})] + [json.dumps(record) for record in records]
+    write_text_atomically(path, "\n".join(lines) + "\n")
     print(f"wrote {len(records)} responses to {path}")
+
+
+def read_jsonl_made_by(path):
+    with open(path) as f:
+        return json.loads(f.readline())["made_by"]
 
 
 def main(argv=None):
     parser = script_parser(__doc__, prompts="toy-test", sampling=SamplingConfig())
-    parser.add_argument("--value", default=None, help="value checkpoint from train_value.py (none: base model only)")
+    parser.add_argument("--value", nargs="+", default=None,
+                        help="value checkpoints from train_value.py; each adds a RE-Control row (none: base model only)")
     add_control_arguments(parser)
     parser.add_argument("--sweep", type=float, nargs="*", default=None,
                         help="instead of one setting, run each alpha*n given here (n, radius and target as set)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds; the table averages them")
     parser.add_argument("--examples", type=int, default=3, help="prompts whose responses are printed")
     parser.add_argument("--out", default=None, help="write every response as a JSON line here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out file that another run made")
     args = parser.parse_args(argv)
-    if args.sweep is not None and not args.value:
-        parser.error("--sweep needs --value")
 
+    def settings():  # every flag is checked before any work
+        require((args.sweep is None or bool(args.value), "--sweep needs --value"))
+        check_task_flags(args)
+        ControlConfig.chosen({}, args.step_size, args.n_steps, args.radius, args.target, args.l2)
+        if args.out:
+            check_not_an_input(args.out, {"prompt file": args.prompts, "value checkpoint": args.value})
+            check_overwrite(args.out, None, read_jsonl_made_by, args.overwrite)
+        return SamplingConfig.from_args(args)
+
+    config = checked(parser, settings)
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    config = SamplingConfig.from_args(args)
     config.max_new_tokens = check_prompts_fit(model, enc, prompts, config.max_new_tokens)
-    methods = [Method("base")] if args.sweep is None else []
-    value = None
-    if args.value:
-        value, checkpoint = load_value(args.value, model, args.model)
-        value = value.to(model.wte.weight.device)
-        control = ControlConfig.chosen(checkpoint.get("control") or {}, args.step_size, args.n_steps, args.radius,
-                                       args.target, args.l2)
-        print(f"RE-Control: {control}")
+    values = {path: load_value(path, model, args.model, args.reward) for path in args.value or []}
+    controls = {path: ControlConfig.chosen(checkpoint.get("control") or {}, args.step_size, args.n_steps, args.radius,
+                                           args.target, args.l2) for path, (_, checkpoint) in values.items()}
+    made_by = {"tool": "generate.py", "model": args.model, "base_fingerprint": model_fingerprint(model),
+               "prompts": prompts_digest(prompts), "reward": args.reward, "sampling": asdict(config),
+               "values": args.value, "controls": [asdict(c) for c in controls.values()], "sweep": args.sweep,
+               "seeds": args.seeds}
+    if args.out:
+        check_overwrite(args.out, made_by, read_jsonl_made_by, args.overwrite)
+    first_value = next(iter(values.values()))[0] if values else None
+    methods = [Method("base", value=first_value)] if args.sweep is None else []
+    for path, (value, _) in values.items():
+        control = controls[path]
+        suffix = f" ({path})" if len(values) > 1 else ""
+        print(f"RE-Control{suffix}: {control}")
         if args.sweep is not None:
-            methods = [Method(f"alpha*n = {total:g}", Controller.from_config(value, control.with_total(total)))
-                       for total in args.sweep]
+            methods += [Method(f"alpha*n = {total:g}{suffix}", Controller.from_config(value, control.with_total(total)),
+                               value=value) for total in args.sweep]
         else:
-            methods.append(Method("RE-Control", Controller.from_config(value, control)))
-    summaries, records = evaluate_methods(methods, model, enc, prompts, reward_fn, config, args.seeds, value,
+            methods.append(Method(f"RE-Control{suffix}", Controller.from_config(value, control), value=value))
+    summaries, records = evaluate_methods(methods, model, enc, prompts, reward_fn, config, args.seeds,
                                           grammar_check(args.reward))
     print_report(summaries, records, examples=args.examples if args.sweep is None else 0)
     if args.out:
-        write_jsonl(args.out, records)
+        write_jsonl(args.out, records, made_by)
     return summaries
 
 

@@ -18,8 +18,9 @@ import os
 import toyworld
 from cli import run_cli
 from control import ControlConfig, Controller
-from generate import Method, SamplingConfig, evaluate_methods, print_report, write_jsonl
-from tasks import check_prompts_fit, load_model
+from checkpoints import check_overwrite
+from generate import Method, SamplingConfig, evaluate_methods, print_report, read_jsonl_made_by, write_jsonl
+from tasks import check_prompts_fit, load_model, load_reward
 from train_value import CalibrationConfig, TrainingConfig, build_value
 from value import ValueConfig
 
@@ -31,10 +32,11 @@ def sampling_for_test_prompts(model, enc, samples_per_prompt):
 
 
 def learn_and_steer(model, enc, model_id, out_dir, training=TrainingConfig(), rollouts=None, rollouts_per_prompt=48,
-                    seeds=(0, 1, 2), samples_per_prompt=4):
+                    seeds=(0, 1, 2), samples_per_prompt=4, overwrite=False):
     """Steps 2 to 4 on the toy world: rollouts of `model` on the training prompts (into `rollouts`, by default
     out_dir/rollouts) -> V (trained as `training` says, saved to out_dir/value.pt) -> the radius of E7; then the
     base model and RE-Control on the held-out test prompts, samples_per_prompt for each of the sampling `seeds`.
+    Files that another job made in out_dir are replaced only with `overwrite`.
     Returns (V, its ControlConfig, its training history, the two summary rows, every test response)."""
     world = toyworld.World()
     train_prompts = world.train_prompts()
@@ -43,13 +45,13 @@ def learn_and_steer(model, enc, model_id, out_dir, training=TrainingConfig(), ro
     value, checkpoint, history = build_value(model, enc, train_prompts, "toy", os.path.join(out_dir, "value.pt"),
                                              rollouts or os.path.join(out_dir, "rollouts"), rollout_sampling,
                                              ValueConfig(n_embd=model.config.n_embd), training, CalibrationConfig(),
-                                             model_id)
+                                             model_id, overwrite=overwrite)
     control = ControlConfig.chosen(checkpoint["control"])
     print("\nRE-Control on held-out test prompts, the base model beside it (mean over seeds, ± spread):")
     print(f"RE-Control: {control}")
-    methods = [Method("base"), Method("RE-Control", Controller.from_config(value, control))]
-    summaries, records = evaluate_methods(methods, model, enc, world.test_prompts(), toyworld.reward,
-                                          sampling_for_test_prompts(model, enc, samples_per_prompt), seeds, value,
+    methods = [Method("base", value=value), Method("RE-Control", Controller.from_config(value, control), value=value)]
+    summaries, records = evaluate_methods(methods, model, enc, world.test_prompts(), load_reward("toy"),
+                                          sampling_for_test_prompts(model, enc, samples_per_prompt), seeds,
                                           toyworld.is_grammatical)
     print_report(summaries, records, examples=3)
     return value, control, history, summaries, records
@@ -65,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.0, 8.0, 16.0, 32.0, 64.0, 128.0],
                         help="settings of alpha*n (n fixed) for the reward-vs-fluency tables; none to skip")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="test responses per test prompt and seed")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the rollouts, V and generations in --out-dir that a run with other settings made")
     args = parser.parse_args(argv)
     name, _, seed = args.model.partition("@")
     if name not in toyworld.VARIANTS:
@@ -74,9 +78,14 @@ def main(argv=None):
     # 1. the base model (pretrained once and cached), the world's prompts split into train and test, its reward
     model, enc = load_model(args.model)
     # 2-4. rollouts -> V -> the radius of E7, then the base model and RE-Control on the test prompts
+    generations = os.path.join(out_dir, "test_generations.jsonl")
+    made_by = {"tool": "recontrol.py", "model": args.model, "seeds": args.seeds,
+               "samples_per_prompt": args.samples_per_prompt}
+    check_overwrite(generations, made_by, read_jsonl_made_by, args.overwrite)
     value, control, _, summaries, records = learn_and_steer(model, enc, args.model, out_dir, seeds=args.seeds,
-                                                            samples_per_prompt=args.samples_per_prompt)
-    write_jsonl(os.path.join(out_dir, "test_generations.jsonl"), records)
+                                                            samples_per_prompt=args.samples_per_prompt,
+                                                            overwrite=args.overwrite)
+    write_jsonl(generations, records, made_by)
 
     # 5. the trade-off: alpha * n from 0 up, without the radius (the paper's E7) and with the calibrated one
     if args.sweep:
@@ -88,8 +97,8 @@ def main(argv=None):
             print(f"\n{title}\nRE-Control: {bound}")
             methods = [Method(f"alpha*n = {total:g}", Controller.from_config(value, bound.with_total(total)))
                        for total in args.sweep]
-            sweep, _ = evaluate_methods(methods, model, enc, toyworld.World().test_prompts(), toyworld.reward,
-                                        sampling_for_test_prompts(model, enc, args.samples_per_prompt), args.seeds[:1], value,
+            sweep, _ = evaluate_methods(methods, model, enc, toyworld.World().test_prompts(), load_reward("toy"),
+                                        sampling_for_test_prompts(model, enc, args.samples_per_prompt), args.seeds[:1],
                                         toyworld.is_grammatical)
             print_report(sweep)
     return summaries

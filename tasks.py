@@ -10,6 +10,7 @@ Every reward has one interface, reward(prompts, responses) -> tensor (N,), highe
 """
 
 import gzip
+import hashlib
 import importlib
 import json
 import os
@@ -54,6 +55,11 @@ def check_task_flags(args):
     """--dtype and --device, checked before anything is loaded."""
     resolve_dtype(args.dtype)
     check_device(args.device)
+
+
+def prompts_digest(prompts):
+    """A short fingerprint of a list of prompts (SHA-256 of their JSON), recorded with what was made from them."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
 def check_prompts_fit(model, enc, prompts, max_new_tokens=None):

@@ -12,6 +12,8 @@ strength of the control (E7) chosen on held-out validation prompts and stored wi
     python train_value.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --out gpt2_value.pt
 """
 
+import copy
+import glob
 import json
 import math
 import os
@@ -21,12 +23,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from checkpoints import write_atomically, write_text_atomically
+from checkpoints import check_overwrite, differences, read_json, write_atomically, write_text_atomically
 from cli import add_config_arguments, checked, config_from_args, is_finite, is_whole, require, run_cli, script_parser
 from control import Controller
 from generate import SamplingConfig, sample
-from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
-from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, load_value, save_value
+from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward, prompts_digest
+from value import (ValueConfig, ValueFunction, ValueReport, bellman_loss, made_by, model_fingerprint,
+                   read_made_by, save_value)
 
 DEFAULT_OUT = "out/toyworld/value.pt"  # the toy world's value, where compare.py looks for it
 
@@ -82,27 +85,37 @@ class CalibrationConfig:
 # rollouts: states of the base model's own responses, with their rewards (E1, E6)
 
 
-def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, shard_size=512, log=print):
+def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, shard_size=512, made_by=None,
+                     overwrite=False, log=print):
     """Sample config.samples_per_prompt responses per prompt with the base model, keep o_0 ... o_T (E1) and R.
 
     Shards of `shard_size` responses are written atomically to `folder`; an interrupted collection with the
     same settings resumes at the first missing shard (each shard has its own seed, so results do not depend on
-    where it stopped).
+    where it stopped). The folder records what made it (`made_by`: the model, the reward ..., and the sampling
+    settings): collecting into it with anything different is an error, unless `overwrite` deletes its shards.
     """
     settings = dict(n_prompts=len(prompts), prompts_head=prompts[:3], samples_per_prompt=config.samples_per_prompt,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                     top_p=config.top_p, stop_strings=list(config.stop), seed=seed, shard_size=shard_size,
-                    width=model.config.n_embd)
-    os.makedirs(folder, exist_ok=True)
+                    width=model.config.n_embd, **(made_by or {}))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--rollouts {folder} is a file; name a folder")
     meta_path = os.path.join(folder, "rollouts.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f)["settings"] != settings:
-                raise ValueError(f"{folder} holds rollouts collected with other settings (model, prompts or "
-                                 "sampling); pass another --rollouts folder, or delete this one")
+    shard_paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
+    if os.path.exists(meta_path) and overwrite:
+        for path in shard_paths + [meta_path]:  # our own files only
+            os.remove(path)
+        shard_paths = []
+    elif os.path.exists(meta_path):
+        changed = differences(read_json(meta_path)["settings"], settings)
+        if changed:
+            raise ValueError(f"{folder} holds rollouts made with other settings ({'; '.join(changed[:4])}"
+                             f"{'; ...' if len(changed) > 4 else ''}); pass --overwrite to collect them again there, "
+                             "or name another folder with --rollouts")
+    log(f"rollouts: {len(shard_paths)} shards already in {folder} are reused" if shard_paths else
+        f"rollouts: collecting {config.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
     jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
     n_shards = math.ceil(len(jobs) / shard_size)
-    write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
     t0, done = time.time(), 0
     for s in range(n_shards):
         path = os.path.join(folder, f"shard_{s:05d}.pt")
@@ -121,6 +134,9 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
         rewards = reward_fn([prompts[i] for i in prompt_index], texts).float()
         shard = {"states": torch.cat(states), "lengths": torch.tensor(lengths), "rewards": rewards,
                  "prompt_index": torch.tensor(prompt_index), "texts": texts}
+        if not os.path.exists(meta_path):  # written with the first shard: a run that fails before leaves nothing
+            os.makedirs(folder, exist_ok=True)
+            write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
         write_atomically(path, lambda p: torch.save(shard, p))
         done += len(shard_jobs)
         rate = done / (time.time() - t0)
@@ -211,20 +227,19 @@ def kept_epoch(history):
     return [h for h in history if h["kept"]][-1]
 
 
-def train(rollouts, train_ids, held_out_ids, value_config, config, out, checkpoint_info, log=print):
+def train(rollouts, train_ids, held_out_ids, value_config, config, log=print):
     """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
-    realised return at every state (value.ValueReport), and the epoch with the smallest error is kept
-    (atomically): the same yardstick for every method, since a method's own loss can fall while V stays flat.
-    The measures of every epoch are written next to the checkpoint. Returns the history; the kept epoch is the
-    last one marked "kept" (kept_epoch). config: a TrainingConfig."""
+    realised return at every state (value.ValueReport), and the epoch with the smallest error is kept: the same
+    yardstick for every method, since a method's own loss can fall while V stays flat. config: a TrainingConfig.
+    Returns V as it was at the kept epoch (frozen, in eval mode) and the measures of every epoch; the kept one is
+    the last marked "kept" (kept_epoch). Nothing is written: build_value saves V once it is complete."""
     if not held_out_ids:
         log("no held-out prompts: the last epoch is kept, and no step size can be calibrated")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.manual_seed(config.seed)
     value = ValueFunction(value_config)
     optimizer = torch.optim.Adam(value.parameters(), lr=config.lr)
     loss_settings = (config.method, config.lam, config.gamma, config.stop_gradient)
-    best, history, t0 = float("inf"), [], time.time()
+    best, best_state, history, t0 = float("inf"), None, [], time.time()
     for epoch in range(1, config.epochs + 1):
         value.train()
         total, n = 0.0, 0
@@ -243,19 +258,19 @@ def train(rollouts, train_ids, held_out_ids, value_config, config, out, checkpoi
         score = record["error"] if held_out_ids else -epoch  # without held-out data: the latest epoch
         record["kept"] = improved = math.isfinite(record["train_loss"]) and score < best
         history.append(record)
-        write_text_atomically(history_path(out), json.dumps(history))
         if improved:
-            best = score
-            save_value(out, value, metrics=record, **checkpoint_info)
+            best, best_state = score, copy.deepcopy(value.state_dict())
         elapsed = time.time() - t0
         log(f"epoch {epoch:3d}/{config.epochs} | {config.method} loss {record['train_loss']:.4f} (held-out "
             f"{record['held_out_loss']:.4f}) | held-out error of V vs return {record['error']:.4f} "
             f"(constant {record['best_constant']:.4f}), corr {record['corr']:+.3f}, spread {record['spread']:.3f} | "
             f"ETA {elapsed / epoch * (config.epochs - epoch):.0f}s{' | kept' if improved else ''}")
-    if best == float("inf"):
-        raise ValueError(f"no epoch produced a usable value function (losses were not finite); {out} was not "
-                         "written. Check the rewards for NaN, and --lr / --gamma")
-    return history
+    if best_state is None:
+        raise ValueError("no epoch produced a usable value function (the losses were not finite); nothing was "
+                         "written. Check --lr and --gamma")
+    value.load_state_dict(best_state)
+    return value.requires_grad_(False).eval(), history
+
 
 # -----------------------------------------------------------------------------
 # choosing the strength of the control on validation prompts (E7)
@@ -310,30 +325,39 @@ def calibrate_control(model, enc, prompts, value, reward_fn, sampling, config, t
 # the whole job: rollouts -> V -> the strength of its control
 
 
+def rollout_job(model, enc, prompts, reward_name, model_id):
+    """What rollouts are made from, recorded in their folder: the base model, its tokenizer, the prompts, the reward."""
+    return {"model": model_id, "base_fingerprint": model_fingerprint(model), "tokenizer": enc.name,
+            "prompts": prompts_digest(prompts), "reward": reward_name}
+
+
 def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config, training,
-                calibration, model_id, log=print):
+                calibration, model_id, overwrite=False, log=print):
     """Collect rollouts of `model` on `prompts` scored by the reward `reward_name` (into rollouts_folder), train V
-    on them (TrainingConfig), calibrate its control on the held-out prompts (CalibrationConfig) and save it all to
-    `out`. sampling: a SamplingConfig with max_new_tokens set. Returns (V, the checkpoint dict, the history)."""
+    on them (TrainingConfig), calibrate its control on the held-out prompts (CalibrationConfig), and save it all to
+    `out` (once, at the end; with the measures of every epoch beside it). sampling: a SamplingConfig with
+    max_new_tokens set. An `out` or a rollout folder made by another job is replaced only with `overwrite`.
+    Returns (V, the checkpoint dict, the history)."""
     reward_fn = load_reward(reward_name, device=model.wte.weight.device)
-    log(f"rollouts: {sampling.samples_per_prompt} responses for each of {len(prompts)} prompts in {rollouts_folder}")
-    collect_rollouts(model, enc, prompts, reward_fn, rollouts_folder, sampling, seed=training.seed, log=log)
+    job = rollout_job(model, enc, prompts, reward_name, model_id)
+    train_args = {**job, "rollouts": rollouts_folder, "sampling": asdict(sampling), "value": asdict(value_config),
+                  "training": asdict(training), "calibration": asdict(calibration)}
+    check_overwrite(out, made_by(model_id, model, reward_name, train_args), read_made_by, overwrite)
+    collect_rollouts(model, enc, prompts, reward_fn, rollouts_folder, sampling, seed=training.seed, made_by=job,
+                     overwrite=overwrite, log=log)
     ids = list(range(len(prompts)))
     random.Random(training.seed).shuffle(ids)
     n_held = round(len(ids) * training.held_out)
     held_out_ids, train_ids = ids[:n_held], ids[n_held:]
-    info = dict(base_model_id=model_id, model=model, reward_name=reward_name,
-                train_args={"rollouts": rollouts_folder, "prompts": len(prompts), "sampling": asdict(sampling),
-                            "training": asdict(training), "calibration": asdict(calibration)})
     name = "the official loss" if training.method == "official" else (
         f"TD(lambda = {training.lam:g}){'' if training.stop_gradient else ' without stop-gradient'}")
     log(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({name}, gamma {training.gamma})")
     rollouts = Rollouts(rollouts_folder)
-    history = train(rollouts, train_ids, held_out_ids, value_config, training, out, info, log=log)
+    value, history = train(rollouts, train_ids, held_out_ids, value_config, training, log=log)
     best = kept_epoch(history)
     log(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
         f"for the best constant, correlation with the return {best['corr']:+.3f}")
-    value, checkpoint = load_value(out, model, model_id)
+    control = {}
     if held_out_ids:
         target = None
         if calibration.target_quantile is not None:
@@ -344,16 +368,16 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
         radius, curve = calibrate_control(
             model, enc, [prompts[i] for i in held_out_ids], value.to(model.wte.weight.device), reward_fn, sampling,
             calibration, target=target, is_grammatical=grammar_check(reward_name), seed=training.seed + 1, log=log)
-        checkpoint["control"] = {"step_size": calibration.step_size if radius else 0.0, "n_steps": calibration.n_steps,
-                                 "radius": radius, "target": target, "kl_budget": calibration.kl_budget,
-                                 "curve": curve}
-        save_value(out, value, metrics=checkpoint["metrics"], control=checkpoint["control"], **info)
+        control = {"step_size": calibration.step_size if radius else 0.0, "n_steps": calibration.n_steps,
+                   "radius": radius, "target": target, "kl_budget": calibration.kl_budget, "curve": curve}
         if radius is None:
-            log(f"even the smallest radius costs more than the KL budget: the control is off by default in {out}")
+            log("even the smallest radius costs more than the KL budget: the control is off by default")
         else:
-            log(f"radius {radius:g} stored in {out}; generate.py uses it unless given --radius")
+            log(f"radius {radius:g}, stored with V; generate.py uses it unless given --radius")
+    checkpoint = save_value(out, value.cpu(), model_id, model, reward_name, train_args, metrics=best, control=control)
+    write_text_atomically(history_path(out), json.dumps(history))
     log(f"value checkpoint: {out}")
-    return value, checkpoint, history
+    return value.to(model.wte.weight.device), checkpoint, history
 
 
 TRAINING_HELP = {
@@ -388,24 +412,29 @@ def main(argv=None):
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out checkpoint or --rollouts shards that another job made")
     args = parser.parse_args(argv)
-    try:  # every setting is checked before any work
-        training = config_from_args(TrainingConfig, args, TRAINING_FLAGS)
-        calibration = config_from_args(CalibrationConfig, args, CALIBRATION_FLAGS)
-    except ValueError as e:
-        parser.error(str(e))
 
+    def settings():  # every flag is checked before any work
+        check_task_flags(args)
+        check_overwrite(args.out, None, read_made_by, args.overwrite)
+        return (config_from_args(TrainingConfig, args, TRAINING_FLAGS),
+                config_from_args(CalibrationConfig, args, CALIBRATION_FLAGS), SamplingConfig.from_args(args))
+
+    training, calibration, sampling = checked(parser, settings)
     prompts = load_prompts(args.prompts)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    sampling = SamplingConfig.from_args(args)
     sampling = replace(sampling, max_new_tokens=check_prompts_fit(model, enc, prompts, sampling.max_new_tokens))
     value_config = ValueConfig(n_embd=model.config.n_embd, n_hidden=args.hidden_layers, width=args.width,
                                activation=args.activation)
     rollouts = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
     _, _, history = build_value(model, enc, prompts, args.reward, args.out, rollouts, sampling, value_config, training,
-                                calibration, args.model)
+                                calibration, args.model, overwrite=args.overwrite)
     return history
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume: the rollout shards written so far are kept"
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, INTERRUPTED)

@@ -158,19 +158,33 @@ def model_fingerprint(model):
     return torch.cat([w[:4, :8].flatten(), model.norm_f.weight[:8]]).float().tolist()
 
 
+def made_by(base_model_id, model, reward_name, train_args=None):
+    """What a value checkpoint records of the job that made it: the base model (its name and a fingerprint of its
+    weights), the reward, and the training settings. A rerun of the same job may replace it; nothing else may."""
+    return {"base_model": base_model_id, "base_fingerprint": model_fingerprint(model), "reward": reward_name,
+            "train_args": train_args or {}}
+
+
+def read_made_by(path):
+    """made_by of the value checkpoint at `path` (an error if it is not one)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: checkpoint[key] for key in ("base_model", "base_fingerprint", "reward", "train_args")}
+
+
 def save_value(path, value, base_model_id, model, reward_name, train_args=None, metrics=None, control=None):
     """Save V_phi with its architecture, d, the base model it reads and the reward it predicts (atomically);
     `control`: the settings of E7 calibrated for it (step_size, n_steps, target, and the curve they came from)."""
     checkpoint = {"config": asdict(value.config), "state_dict": value.state_dict(),
-                  "base_model": base_model_id, "base_fingerprint": model_fingerprint(model),
-                  "reward": reward_name, "train_args": train_args or {}, "metrics": metrics or {},
+                  **made_by(base_model_id, model, reward_name, train_args), "metrics": metrics or {},
                   "control": control or {}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+    return checkpoint
 
 
-def load_value(path, model=None, model_id=None):
-    """(V_phi in eval mode with frozen weights, checkpoint dict). With `model`, check it was trained for it."""
+def load_value(path, model=None, model_id=None, reward=None):
+    """(V_phi in eval mode with frozen weights, checkpoint dict). With `model` (and `reward`), check that it was
+    trained for that model's states (and to predict that reward)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"value checkpoint {path} does not exist; train one with train_value.py")
     try:
@@ -189,6 +203,9 @@ def load_value(path, model=None, model_id=None):
         if not torch.allclose(ours, torch.tensor(checkpoint["base_fingerprint"]), atol=1e-2, rtol=1e-2):
             raise ValueError(f"value checkpoint {path} was trained for {trained_for}, whose weights differ from "
                              f"{model_id or 'this model'}; train a value function for this model with train_value.py")
+    if reward is not None and reward != checkpoint["reward"]:
+        raise ValueError(f"value checkpoint {path} predicts the reward {checkpoint['reward']!r}, not {reward!r}; "
+                         f"pass --reward {checkpoint['reward']}, or train a value function for {reward!r}")
     value = ValueFunction(config)
     value.load_state_dict(checkpoint["state_dict"])
     value.requires_grad_(False)  # frozen at test time: E7 differentiates with respect to u only

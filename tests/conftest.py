@@ -104,9 +104,10 @@ def tiny_rollouts(tiny_world, tmp_path_factory):
     import toyworld
     from generate import SamplingConfig
     from tasks import load_model
-    from train_value import collect_rollouts
+    from train_value import collect_rollouts, rollout_job
     model, enc = load_model(tiny_world[0])
     folder = str(tmp_path_factory.mktemp("rollouts"))
-    collect_rollouts(model, enc, toyworld.World().train_prompts(), toyworld.reward, folder,
-                     SamplingConfig(max_new_tokens=32, samples_per_prompt=4), log=lambda *a: None)
+    prompts = toyworld.World().train_prompts()
+    collect_rollouts(model, enc, prompts, toyworld.reward, folder, SamplingConfig(max_new_tokens=32, samples_per_prompt=4),
+                     made_by=rollout_job(model, enc, prompts, "toy", tiny_world[0]), log=lambda *a: None)
     return folder

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from conftest import VOCAB, tiny_gpt2, tiny_llama
 from checkpoints import from_pretrained, write_atomically
 
-def test_legacy_gpt2_bin_layout_loads(tmp_path, tokens):
+@pytest.mark.parametrize("zip_format", [True, False])  # False: the pre-1.6 format of the original GPT-2 files
+def test_legacy_gpt2_bin_layout_loads(zip_format, tmp_path, tokens):
     ref = tiny_gpt2(tmp_path / "hf")
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -19,7 +20,7 @@ def test_legacy_gpt2_bin_layout_loads(tmp_path, tokens):
     for i in range(2):  # the old causal-mask buffers that the legacy files carry
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    torch.save(state, legacy / "pytorch_model.bin")
+    torch.save(state, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
     (legacy / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     model = from_pretrained(str(legacy))
     with torch.no_grad():

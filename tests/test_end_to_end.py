@@ -1,5 +1,5 @@
-"""The whole method on a tiny toy world (pretrain -> rollouts -> V -> control), the scripts' bad-input errors,
-rollout storage and resumption, the toy world's grammar and reward."""
+"""The whole method on a tiny toy world (pretrain -> rollouts -> V -> control), rollout storage and resumption,
+prompt files, rewards, the toy world's grammar and reward. (Bad inputs: test_cli_errors.py.)"""
 
 import json
 import os
@@ -9,11 +9,9 @@ import torch
 
 import generate
 import toyworld
-from checkpoints import from_pretrained, save_pretrained
+from checkpoints import from_pretrained
 from conftest import ROLLOUT_FLAGS
 from generate import SamplingConfig
-from model import GPT, GPTConfig
-from tokenizer import save_tokenizer
 from train_value import Rollouts, collect_rollouts
 from tasks import hh_prompt, load_prompts, load_reward
 
@@ -26,7 +24,8 @@ def assert_the_default_value_steers(folder, value, tmp_path):
                                 "--out", str(out)])
     assert ctrl["reward"] > base["reward"] + 0.1, (base, ctrl)
     assert ctrl["grammatical"] >= 0.9 * base["grammatical"], (base, ctrl)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["made_by"]["values"] == [value] and header["made_by"]["seeds"] == [0, 1]
     assert len(rows) == 2 * 2 * 30 * 4 and {"reward", "value_start", "value_end", "response"} <= set(rows[0])
     checkpoint = torch.load(value, weights_only=True)
     assert checkpoint["reward"] == "toy" and checkpoint["train_args"]["training"]["lam"] == 1.0
@@ -46,11 +45,6 @@ def test_the_whole_method_from_scratch_steers(tmp_path):
     import make_fixtures
     folder, value = make_fixtures.make(str(tmp_path / "world"), log=lambda *a: None)
     assert_the_default_value_steers(folder, value, tmp_path)
-
-
-def generate_args(folder, value=None, *extra):
-    return ["--model", folder, "--prompts", "toy-test", "--reward", "toy", "--max-new-tokens", "8",
-            *(["--value", value] if value else []), *extra]
 
 
 def test_the_step_size_is_calibrated_on_held_out_training_prompts_only(tiny_world, tiny_rollouts, tmp_path,
@@ -75,28 +69,6 @@ def test_the_step_size_is_calibrated_on_held_out_training_prompts_only(tiny_worl
     assert torch.load(tmp_path / "v.pt", weights_only=True)["control"]["radius"] == 0.5
 
 
-def test_bad_inputs_are_clear_errors(tiny_world, tmp_path):
-    folder, value = tiny_world
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        generate.main(generate_args(folder) + ["--prompts", str(empty)])
-    with pytest.raises(ValueError, match="unknown reward 'nice'"):
-        generate.main(generate_args(folder) + ["--reward", "nice"])
-    with pytest.raises(ValueError, match="--step-size"):
-        generate.main(generate_args(folder, value, "--step-size", "-0.5"))
-    with pytest.raises(ValueError, match="--n-steps"):
-        generate.main(generate_args(folder, value, "--n-steps", "-3"))
-    with pytest.raises(ValueError, match="exceeds the model's context of 48"):
-        generate.main(generate_args(folder) + ["--max-new-tokens", "60"])
-    other = tmp_path / "other"  # a model of the same width that V was not trained for
-    torch.manual_seed(5)
-    save_pretrained(GPT(GPTConfig(vocab_size=400, block_size=48, n_layer=1, n_head=2, n_embd=64)), str(other))
-    save_tokenizer(toyworld.encoding(), str(other))
-    with pytest.raises(ValueError, match="whose weights differ"):
-        generate.main(generate_args(str(other), value))
-
-
 def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):
     folder, _ = tiny_world
     model = from_pretrained(folder)
@@ -119,7 +91,7 @@ def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):
     assert sum(len(r) for _, _, r in batches) == 18
     states, mask, rewards = batches[0]
     assert states.shape[:2] == mask.shape and mask[:, 0].all()
-    with pytest.raises(ValueError, match="collected with other settings"):
+    with pytest.raises(ValueError, match=r"holds rollouts made with other settings \(seed: 1 -> 2\); pass --overwrite"):
         collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **dict(kwargs, seed=2))
 
 

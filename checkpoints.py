@@ -62,24 +62,24 @@ def differences(recorded, current, prefix=""):
     return found
 
 
-def check_overwrite(path, made_by, read_made_by, overwrite, flag="--out"):
+def check_overwrite(path, made_by, read_made_by, overwrite):
     """Before a run writes `path`: a file that is there already is replaced only when it was made by the same job
     (read_made_by(path) records the same settings as made_by) or with --overwrite; else a ValueError says why.
     made_by None: only check that the file was made by this tool (before the job's settings are all known)."""
     if overwrite or not os.path.exists(path):
         return
     if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; name a file")
+        raise ValueError(f"{path} is a folder; name a file")
     try:
         recorded = read_made_by(path)
     except Exception:
         recorded = None
     if recorded is None:
-        raise ValueError(f"{flag} {path} exists and was not written by this tool; choose another path, or pass "
-                         "--overwrite to replace it")
+        raise ValueError(f"{path} exists and does not record what made it (not written by this tool, or by an older "
+                         "version); choose another path, or pass --overwrite to replace it")
     changed = differences(recorded, made_by) if made_by is not None else []
     if changed:
-        raise ValueError(f"{flag} {path} was made with other settings ({'; '.join(changed[:4])}"
+        raise ValueError(f"{path} was made with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}); choose another path, or pass --overwrite to replace it")
 
 

@@ -66,23 +66,24 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
 
     def save(fig, ax, name, title, xlabel, ylabel):
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: it hides no point
         paths.append(os.path.join(out_dir, name))
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
+    # the sweeps in black and grey, each alpha written at its point (above and below in turn, so they do not
+    # collide); each other method a square of its own colour, named in the legend
     fig, ax = plt.subplots(figsize=(7, 5))
-    for bound in dict.fromkeys(s["bound"] for s in sweep):
+    for bound, (color, marker) in zip(dict.fromkeys(s["bound"] for s in sweep), [("black", "o"), ("gray", "^")]):
         points = sorted((s for s in sweep if s["bound"] == bound), key=lambda s: s["alpha"])
-        line, = ax.plot([s[fluency_key] for s in points], [s["reward"] for s in points], "o-",
-                        label=f"RE-Control, {bound} (alpha grows)")
-        for s in points:
-            ax.annotate(f"a={s['alpha']:g}", (s[fluency_key], s["reward"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color=line.get_color())
-    for s in summaries:
-        ax.scatter(s[fluency_key], s["reward"], marker="s", s=60, zorder=3)
-        ax.annotate(s["method"], (s[fluency_key], s["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: the alpha sweep of E7, baselines as squares",
+        ax.plot([s[fluency_key] for s in points], [s["reward"] for s in points], marker=marker, color=color,
+                label=f"RE-Control, {bound} (alpha grows)")
+        for i, s in enumerate(points):
+            ax.annotate(f"α={s['alpha']:g}", (s[fluency_key], s["reward"]), textcoords="offset points",
+                        xytext=(5, 6 if i % 2 else -11), fontsize=7, color=color)
+    for s, color in zip(summaries, plt.get_cmap("tab10").colors):
+        ax.scatter(s[fluency_key], s["reward"], marker="s", s=60, zorder=3, color=color, label=s["method"])
+    save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: the alpha sweep of E7, other methods as squares",
          "grammatical fraction" if fluency_key == "grammatical" else "perplexity under the base model", "mean reward")
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -3,11 +3,13 @@ prompt files, rewards, the toy world's grammar and reward. (Bad inputs: test_cli
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 import generate
+import tasks
 import toyworld
 from checkpoints import from_pretrained
 from conftest import ROLLOUT_FLAGS
@@ -163,3 +165,20 @@ def test_reward_quantile_of_the_training_rollouts(tiny_rollouts):
     rewards = torch.cat([r for _, _, r in rollouts.batches(ids, 64)])
     assert rollouts.reward_quantile(ids, 0.9) == torch.quantile(rewards, 0.9).item()
     assert rollouts.reward_quantile(ids, 0.0) == rewards.min().item()
+
+
+def test_several_values_share_one_run_of_the_base_model(tiny_world, tmp_path):
+    folder, value = tiny_world
+    twin = tmp_path / "twin.pt"
+    shutil.copy(value, twin)
+    summaries = generate.main(["--model", folder, "--max-new-tokens", "8", "--value", value, str(twin)])
+    assert [s["method"] for s in summaries] == ["base", f"RE-Control ({value})", f"RE-Control ({twin})"]
+    assert summaries[1]["reward"] == summaries[2]["reward"]  # the same V on the same seeds
+
+
+def test_dtype_applies_to_the_toy_world_too(tiny_world, monkeypatch):
+    from tokenizer import load_tokenizer
+    folder, _ = tiny_world
+    monkeypatch.setattr(toyworld, "load_variant", lambda spec, log: (from_pretrained(folder), load_tokenizer(folder)))
+    model, _ = tasks.load_model("toy", dtype="bfloat16")
+    assert model.wte.weight.dtype == torch.bfloat16

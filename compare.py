@@ -18,10 +18,10 @@ import torch
 import metrics
 import train_value
 from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
-from cli import add_control_arguments, run_cli, script_parser
+from cli import add_control_arguments, checked, is_finite, is_whole, require, run_cli, script_parser
 from control import ControlConfig, Controller
 from generate import Method, SamplingConfig, sample_responses
-from tasks import check_prompts_fit, grammar_check, load_model, load_prompts, load_reward
+from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward
 from train_value import Rollouts, history_path
 from value import load_value
 
@@ -71,16 +71,20 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
-    # the sweeps in black and grey, each alpha written at its point (above and below in turn, so they do not
-    # collide); each other method a square of its own colour, named in the legend
+    # the sweeps in black and grey, each alpha written at its point (one sweep to the left, the other to the right,
+    # above and below in turn, so they do not collide); each other method a square of its own colour, in the legend
     fig, ax = plt.subplots(figsize=(7, 5))
-    for bound, (color, marker) in zip(dict.fromkeys(s["bound"] for s in sweep), [("black", "o"), ("gray", "^")]):
+    sides = [("black", "o", -6, "right"), ("gray", "^", 6, "left")]  # the two sweeps' labels on opposite sides
+    for bound, (color, marker, dx, align) in zip(dict.fromkeys(s["bound"] for s in sweep), sides):
         points = sorted((s for s in sweep if s["bound"] == bound), key=lambda s: s["alpha"])
         ax.plot([s[fluency_key] for s in points], [s["reward"] for s in points], marker=marker, color=color,
                 label=f"RE-Control, {bound} (alpha grows)")
-        for i, s in enumerate(points):
-            ax.annotate(f"α={s['alpha']:g}", (s[fluency_key], s["reward"]), textcoords="offset points",
-                        xytext=(5, 6 if i % 2 else -11), fontsize=7, color=color)
+        near = {}  # points that (nearly) coincide share one label, "α=4, 8"
+        for s in points:
+            near.setdefault((round(s[fluency_key], 2), round(s["reward"], 2)), []).append(s)
+        for i, group in enumerate(near.values()):
+            ax.annotate("α=" + ", ".join(f"{s['alpha']:g}" for s in group), (group[0][fluency_key], group[0]["reward"]),
+                        textcoords="offset points", xytext=(dx, 4 if i % 2 else -9), ha=align, fontsize=7, color=color)
     for s, color in zip(summaries, plt.get_cmap("tab10").colors):
         ax.scatter(s[fluency_key], s["reward"], marker="s", s=60, zorder=3, color=color, label=s["method"])
     save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: the alpha sweep of E7, other methods as squares",
@@ -125,8 +129,21 @@ def main(argv=None):
     parser.add_argument("--sweep-alphas", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
                         help="alphas of the sweep plot (n as for RE-Control), with and without the radius")
     args = parser.parse_args(argv)
-    grammar = grammar_check(args.reward)  # the toy world's exact fluency measure, None for other rewards
 
+    def settings():  # every flag is checked before any work
+        require((args.value is not None or args.model == "toy", "--value is needed for a model other than the toy world's"),
+                (is_whole(args.best_of, 1), f"--best-of must be a whole number >= 1, got {args.best_of}"),
+                (is_whole(args.guide_k, 1), f"--guide-k must be a whole number >= 1, got {args.guide_k}"),
+                (all(is_finite(x, 0) for x in (args.steering_scale, args.guide_weight, args.value_guide_weight)),
+                 "--steering-scale, --guide-weight and --value-guide-weight must be numbers >= 0"))
+        check_task_flags(args)
+        ControlConfig.chosen({}, args.step_size, args.n_steps, args.radius, args.target, args.l2)
+        for alpha in args.sweep_alphas:
+            ControlConfig(step_size=alpha)  # each checked like --step-size
+        return SamplingConfig.from_args(args)
+
+    sampling = checked(parser, settings)
+    grammar = grammar_check(args.reward)  # the toy world's exact fluency measure, None for other rewards
     t_start = time.time()
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts)
@@ -134,11 +151,8 @@ def main(argv=None):
     instruction = args.instruction if args.instruction is not None else (
         "i love it . i would recommend it . " if grammar else "A positive, kind and helpful reply follows.\n")
     # the prompting baseline reads the longest prompts: they set the room left for the response
-    sampling = SamplingConfig.from_args(args)
     sampling.max_new_tokens = check_prompts_fit(model, enc, [instruction + p for p in prompts], sampling.max_new_tokens)
     if args.value is None:
-        if args.model != "toy":
-            parser.error("--value is needed for a model other than the toy world's")
         args.value = train_value.DEFAULT_OUT
         if not os.path.exists(args.value):
             train_value.main([])  # the toy world's value, as `python train_value.py` makes it

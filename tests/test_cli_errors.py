@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import compare
 import generate
 import train_value
 from checkpoints import save_pretrained
@@ -107,6 +108,8 @@ CASES = [  # (case, script, argv, exit code, what the message must say)
      "predicts the reward 'toy', not 'sentiment'; pass --reward toy"),
     ("response longer than the context", generate, gen("--max-new-tokens", "60"), 1,
      "exceeds the model's context of 48"),
+    ("best-of 0", compare, gen("--best-of", "0"), 2, "--best-of must be a whole number >= 1, got 0"),
+    ("NaN in the sweep", compare, gen("--sweep-alphas", "1", "nan"), 2, "(--step-size) must be a number >= 0, got nan"),
     ("no epochs", train_value, train("--epochs", "0"), 2, "--epochs must be a whole number >= 1, got 0"),
     ("gamma NaN", train_value, train("--gamma", "nan"), 2, "--gamma must be in (0, 1], got nan"),
     ("lambda 2", train_value, train("--lam", "2"), 2, "--lam must be in [0, 1], got 2.0"),

@@ -33,8 +33,10 @@ class GPTConfig:
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     norm_eps: float = 1e-5
     positions: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
-    mlp: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "swiglu" (Llama)
-    bias: bool = True  # biases in every Linear (GPT-2); Llama has none
+    mlp: str = "gelu"  # "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, Falcon) or "swiglu" (Llama)
+    block: str = "sequential"  # "sequential": attention, then the MLP (GPT-2, Llama); "parallel": both read one norm
+    # of the same input and both are added to it (Falcon-7B); "parallel2": the same, each with its own norm (Falcon-40B)
+    bias: bool = True  # biases in every Linear (GPT-2); Llama and Falcon have none (Falcon's LayerNorms do)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3.1: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
@@ -50,8 +52,10 @@ class GPTConfig:
             raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if self.positions not in ("learned", "rope"):
             raise ValueError(f"positions must be 'learned' or 'rope', got {self.positions!r}")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.mlp not in ("gelu", "gelu_exact", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu', 'gelu_exact' or 'swiglu', got {self.mlp!r}")
+        if self.block not in ("sequential", "parallel", "parallel2"):
+            raise ValueError(f"block must be 'sequential', 'parallel' or 'parallel2', got {self.block!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
 
@@ -64,6 +68,7 @@ class GPTConfig:
 
 LLAMA_LAYOUT = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False)
 LLAMA3_LAYOUT = dict(LLAMA_LAYOUT, vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5)
+FALCON_LAYOUT = dict(norm="layernorm", positions="rope", mlp="gelu_exact", bias=False, block_size=2048)
 LLAMA31_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192)
 PRESETS = {
@@ -79,6 +84,10 @@ PRESETS = {
                          block_size=131072, rope_scaling=dict(LLAMA31_ROPE, factor=32.0)),
     "llama-3.2-3b": dict(LLAMA3_LAYOUT, n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, intermediate_size=8192,
                          block_size=131072, rope_scaling=dict(LLAMA31_ROPE, factor=32.0)),
+    "falcon-7b": dict(FALCON_LAYOUT, vocab_size=65024, n_layer=32, n_head=71, n_kv_head=1, n_embd=4544,
+                      block="parallel", eos_token_ids=[11]),
+    "falcon-40b": dict(FALCON_LAYOUT, vocab_size=65024, n_layer=60, n_head=128, n_kv_head=8, n_embd=8192,
+                       block="parallel2", eos_token_ids=[11]),
     "llama-3.1-8b": dict(LLAMA3_LAYOUT, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
                          block_size=131072, tie_embeddings=False, rope_scaling=dict(LLAMA31_ROPE, factor=8.0)),
 }
@@ -106,7 +115,7 @@ def make_norm(config):
     """The norm the config names: GPT-2's LayerNorm or Llama's RMSNorm."""
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
 def rope_frequencies(config):
@@ -165,11 +174,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The feed-forward layer: GPT-2's GELU MLP, or Llama's SwiGLU (a gated one)."""
+    """The feed-forward layer: GPT-2's or Falcon's GELU MLP, or Llama's SwiGLU (a gated one)."""
 
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu = "none" if config.mlp == "gelu_exact" else "tanh"  # GPT-2 approximates GELU with tanh
         width = config.intermediate_size
         self.fc = nn.Linear(config.n_embd, 2 * width if self.swiglu else width, bias=config.bias)
         self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
@@ -178,22 +188,27 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.fc(x).chunk(2, dim=-1)  # Llama's gate_proj and up_proj, fused
             return self.proj(F.silu(gate) * up)
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's tanh approximation of GELU
+        return self.proj(F.gelu(self.fc(x), approximate=self.gelu))
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: attention, then the MLP, each added to the residual stream."""
+    """A pre-norm transformer block: attention (tokens read from each other) and the MLP (each token transformed on
+    its own), added to the residual stream one after the other, or side by side (Falcon's parallel block)."""
 
     def __init__(self, config):
         super().__init__()
+        self.parallel = config.block != "sequential"
         self.norm1 = make_norm(config)
         self.attn = Attention(config)
-        self.norm2 = make_norm(config)
+        self.norm2 = make_norm(config) if config.block != "parallel" else None  # "parallel": one norm for both
         self.mlp = MLP(config)
 
     def forward(self, x, rope, mask, cache, layer):
-        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)  # tokens read from each other
-        return x + self.mlp(self.norm2(x))  # each token is transformed on its own
+        if self.parallel:  # both read the same x: x + attn(norm(x)) + mlp(norm(x))
+            h = self.norm1(x)
+            return x + self.attn(h, rope, mask, cache, layer) + self.mlp(h if self.norm2 is None else self.norm2(x))
+        x = x + self.attn(self.norm1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.norm2(x))
 
 
 class KVCache:

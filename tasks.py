@@ -18,7 +18,8 @@ import os
 import torch
 
 import toyworld
-from checkpoints import from_pretrained, resolve_checkpoint, resolve_dtype
+from checkpoints import from_pretrained, resolve_checkpoint
+from formats import resolve_dtype
 from model import left_pad
 from tokenizer import load_tokenizer
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from checkpoints import check_overwrite, differences, read_json, write_atomically, write_text_atomically
+from checkpoints import check_overwrite, differences, write_atomically, write_text_atomically
+from formats import read_json
 from cli import add_config_arguments, checked, config_from_args, is_finite, is_whole, require, run_cli, script_parser
 from control import Controller
 from generate import SamplingConfig, sample

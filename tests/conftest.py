@@ -29,6 +29,26 @@ def tiny_gpt2(folder, tie=True, cls_head=False, seed=0, vocab_size=VOCAB):
     return model
 
 
+def tiny_falcon(folder, new_decoder_architecture=False, multi_query=True, parallel_attn=True, num_kv_heads=None,
+                bias=False, tie=True, seed=0):
+    """A random 2-layer Falcon saved with save_pretrained: the 7B layout by default (multi-query, parallel block),
+    the 40B/180B layout with new_decoder_architecture (grouped key/value heads, two norms)."""
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(seed)
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_kv_heads=num_kv_heads, new_decoder_architecture=new_decoder_architecture,
+                          multi_query=multi_query, parallel_attn=parallel_attn, bias=bias, alibi=False,
+                          max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
+                          pad_token_id=0)
+    model = FalconForCausalLM(config).eval()
+    with torch.no_grad():  # random norms and biases, so a wrong mapping cannot hide behind ones and zeros
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
 def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False, seed=0, **save_kwargs):
     """A random 2-layer Llama (or LlamaForSequenceClassification) saved with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -55,6 +75,9 @@ def random_model(kind):
     torch.manual_seed(0)
     if kind == "gpt2":
         return GPT(GPTConfig(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    if kind == "falcon":
+        return GPT(GPTConfig.preset("falcon-40b", vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                                    n_embd=32)).eval()
     return GPT(GPTConfig.preset("llama-3.2-1b", vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
                                 n_embd=32, intermediate_size=64)).eval()
 

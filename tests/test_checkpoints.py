@@ -28,7 +28,7 @@ def test_legacy_gpt2_bin_layout_loads(zip_format, tmp_path, tokens):
 
 
 def halves_to_meta(w, n_heads):
-    """The inverse of model.meta_to_halves: split-halves rows back to Meta's interleaved layout."""
+    """The inverse of formats.meta_to_halves: split-halves rows back to Meta's interleaved layout."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 

@@ -6,7 +6,7 @@ import torch
 from conftest import random_model
 from generate import SamplingConfig, sample
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "falcon"])
 def test_batched_with_left_padding_equals_one_by_one(kind, tokens):
     model = random_model(kind)
     prompts = [tokens[0, :3].tolist(), tokens[1, :12].tolist(), tokens[2, :7].tolist()]

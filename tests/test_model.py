@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import random_model, tiny_gpt2, tiny_llama
+from conftest import random_model, tiny_falcon, tiny_gpt2, tiny_llama
 from checkpoints import from_pretrained
 from generate import SamplingConfig, sample
 from model import GPTConfig
@@ -15,6 +15,10 @@ CASES = {
     "llama-gqa": lambda d: tiny_llama(d, n_kv_head=2),
     "llama-gqa-tied": lambda d: tiny_llama(d, n_kv_head=2, tie=True),
     "llama3-rope-scaling": lambda d: tiny_llama(d, n_kv_head=2, rope_scaling=True),
+    "falcon-7b": lambda d: tiny_falcon(d),
+    "falcon-40b": lambda d: tiny_falcon(d, new_decoder_architecture=True, num_kv_heads=2),
+    "falcon-per-head-sequential-bias": lambda d: tiny_falcon(d, multi_query=False, parallel_attn=False, bias=True,
+                                                              tie=False),
 }
 
 
@@ -45,7 +49,7 @@ def test_reward_head_scores_match_transformers(family, tmp_path, tokens):
             assert (ours[i] - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "falcon"])
 def test_cached_decoding_equals_full_recompute(kind, tokens):
     model = random_model(kind)
     with torch.no_grad():

@@ -1,0 +1,354 @@
+"""
+Other codebases' checkpoints, read into model.py's names: each format's config and the map from its keys to ours.
+
+- Hugging Face folders (config.json + model.safetensors, sharded safetensors, or pytorch_model.bin): GPT-2, Llama
+  and Falcon, causal LM or sequence classification (a reward model);
+- Meta's Llama folders (params.json + consolidated.NN.pth model-parallel shards);
+- ours (gpt_config.json + model.safetensors), written by checkpoints.save_pretrained.
+Each loader returns (GPTConfig, Weights): a lazy table of our key -> the stored tensors it is built from.
+Nothing is unpickled: .bin/.pth files are read with torch.load(weights_only=True).
+"""
+
+import glob
+import json
+import os
+import zipfile
+
+import torch
+from safetensors import safe_open
+
+from model import GPTConfig, LLAMA31_ROPE, LLAMA_LAYOUT
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in SUPPORTED_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in SUPPORTED_DTYPES:
+        return SUPPORTED_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(SUPPORTED_DTYPES)}")
+
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+class Weights:
+    """Lazily read tensors of a checkpoint under our key names; remembers which file and key each comes from."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.sources = {}  # our key -> (list of (file, key) it is built from, function that builds it)
+        self.files = {}  # file -> {key: loader} for every tensor stored there
+        self.used = set()
+
+    def add_file(self, path):
+        name = os.path.basename(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing (the checkpoint's index or layout names it)")
+        try:
+            if path.endswith(".safetensors"):
+                handle = safe_open(path, framework="pt")
+                self.files[name] = {k: (lambda k=k, h=handle: h.get_tensor(k)) for k in handle.keys()}
+            else:
+                # zip files (torch >= 1.6) are mapped, not read; the legacy format is read whole. No unpickling of code
+                data = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+                if "state_dict" in data and isinstance(data["state_dict"], dict):
+                    data = data["state_dict"]
+                self.files[name] = {k: (lambda t=t: t) for k, t in data.items() if torch.is_tensor(t)}
+        except OSError:  # missing or unreadable file: its own message is clear
+            raise
+        except Exception as e:
+            raise ValueError(f"{path} could not be read: it is truncated or corrupt ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); download it again") from None
+
+    def raw(self, file, key):
+        self.used.add((file, key))
+        tensor = self.files[file][key]()
+        if tensor.dtype not in SUPPORTED_DTYPES.values():
+            raise ValueError(f"{os.path.join(self.folder, file)}: {key} is stored as {tensor.dtype}; "
+                             f"only {', '.join(SUPPORTED_DTYPES)} weights are supported (no quantized checkpoints)")
+        return tensor
+
+    def find(self, key):
+        """The file that stores `key`, or None."""
+        return next((f for f, keys in self.files.items() if key in keys), None)
+
+    def map(self, ours, theirs, build=lambda *t: t[0]):
+        """Our key `ours` is built by `build` from the stored tensors `theirs` ([(file, key)] or [key])."""
+        parts = [(p if isinstance(p, tuple) else (self.find(p), p)) for p in theirs]
+        self.sources[ours] = (parts, build)
+
+    def __contains__(self, ours):
+        return ours in self.sources and all(f is not None for f, _ in self.sources[ours][0])
+
+    def describe(self, ours):
+        parts = self.sources.get(ours, ([], None))[0]
+        missing = [k for f, k in parts if f is None]
+        if missing:
+            return f"key {', '.join(missing)} is in none of {', '.join(sorted(self.files)) or 'the files'}"
+        return ", ".join(f"{k} in {f}" for f, k in parts) or "no source key known"
+
+    def get(self, ours):
+        parts, build = self.sources[ours]
+        return build(*(self.raw(f, k) for f, k in parts))
+
+    def ignore(self, predicate):
+        for file, keys in self.files.items():
+            self.used.update((file, k) for k in keys if predicate(k))
+
+    def check_all_used(self):
+        referenced = {p for parts, _ in self.sources.values() for p in parts}
+        unexpected = sorted(f"{k} in {f}" for f, keys in self.files.items() for k in keys
+                            if (f, k) not in referenced and (f, k) not in self.used)
+        if unexpected:
+            shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            raise KeyError(f"{self.folder}: unexpected weights {shown}; the config.json does not describe "
+                           "this checkpoint (wrong model_type, n_layer or head?)")
+
+
+def load_native(folder):
+    config = GPTConfig(**read_json(os.path.join(folder, "gpt_config.json")))
+    weights = Weights(folder)
+    weights.add_file(os.path.join(folder, "model.safetensors"))
+    for key in weights.files["model.safetensors"]:
+        weights.map(key, [key])
+    return config, weights
+
+
+def gpt2_config(hf, where, common):
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ValueError(f"{where}: scale_attn_by_inverse_layer_idx and reorder_and_upcast_attn are not supported")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported "
+                         "(GPT-2 uses gelu_new)")
+    return GPTConfig(block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     intermediate_size=hf.get("n_inner") or 0, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                     tie_embeddings=hf.get("tie_word_embeddings", True), **common)
+
+
+def rope_settings(hf, where):
+    """(rope_theta, rope_scaling) of an HF config, in the transformers 5 (rope_parameters) or 4 spelling."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    scaled = rope.get("rope_type", rope.get("type")) not in (None, "default")
+    return rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope if scaled else None
+
+
+def llama_config(hf, where, common):
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"{where}: attention_bias / mlp_bias are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+    theta, scaling = rope_settings(hf, where)
+    return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
+                     n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or 0,
+                     n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or 0,
+                     intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                     rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
+                     **LLAMA_LAYOUT, **common)
+
+
+def falcon_config(hf, where, common):
+    if hf.get("alibi"):
+        raise ValueError(f"{where}: Falcon with ALiBi positions (alibi: true) is not supported; rotary ones are")
+    if hf.get("activation", "gelu") != "gelu":
+        raise ValueError(f"{where}: activation {hf['activation']!r} is not supported (Falcon uses gelu)")
+    theta, scaling = rope_settings(hf, where)
+    if scaling:
+        raise ValueError(f"{where}: rope scaling {scaling} is not supported for Falcon")
+    n_head, new_layout = hf["num_attention_heads"], hf.get("new_decoder_architecture", False)
+    if new_layout:  # Falcon-40B/180B: grouped key/value heads; two norms unless num_ln_in_parallel_attn says one
+        n_kv_head, block = hf.get("num_kv_heads") or n_head, "parallel" if hf.get("num_ln_in_parallel_attn") == 1 \
+            else "parallel2"
+    else:  # Falcon-7B: one key/value head (multi-query), attention and MLP in parallel from one norm
+        n_kv_head = 1 if hf.get("multi_query", True) else n_head
+        block = "parallel" if hf.get("parallel_attn", True) else "sequential"
+    return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
+                     n_head=n_head, n_kv_head=n_kv_head, n_embd=hf["hidden_size"],
+                     intermediate_size=hf.get("ffn_hidden_size") or 0, norm="layernorm",
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), positions="rope", mlp="gelu_exact", block=block,
+                     bias=hf.get("bias", False), rope_theta=theta, tie_embeddings=hf.get("tie_word_embeddings", True),
+                     **common)
+
+
+def load_hf(folder):
+    """A Hugging Face folder: GPT-2, Llama or Falcon, causal LM or sequence classification; safetensors or .bin."""
+    hf = read_json(os.path.join(folder, "config.json"))
+    families = {"gpt2": (gpt2_config, map_gpt2), "llama": (llama_config, map_llama_hf),
+                "falcon": (falcon_config, map_falcon)}
+    if hf.get("model_type") not in families:
+        raise ValueError(f"{folder}/config.json: model_type {hf.get('model_type')!r} is not supported; "
+                         f"this project loads {', '.join(map(repr, families))}")
+    read_config, map_keys = families[hf["model_type"]]
+    arch = (hf.get("architectures") or [""])[0]
+    n_labels = (len(hf.get("id2label", {})) or hf.get("num_labels", 2)) if "SequenceClassification" in arch else 0
+    eos = hf.get("eos_token_id")
+    common = dict(vocab_size=hf["vocab_size"], n_labels=n_labels, pad_token_id=hf.get("pad_token_id"),
+                  eos_token_ids=[] if eos is None else eos if isinstance(eos, list) else [eos])
+    config = read_config(hf, f"{folder}/config.json", common)
+
+    weights = Weights(folder)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        for file in sorted(set(read_json(index)["weight_map"].values())):
+            weights.add_file(os.path.join(folder, file))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        weights.add_file(os.path.join(folder, "model.safetensors"))
+    elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+        weights.add_file(os.path.join(folder, "pytorch_model.bin"))
+    else:
+        raise FileNotFoundError(f"{folder} has no weights: expected model.safetensors, "
+                                "model.safetensors.index.json (sharded) or pytorch_model.bin")
+    map_keys(weights, config)
+    if n_labels:
+        weights.map("score.weight", ["score.weight"])
+    return config, weights
+
+
+def map_gpt2(weights, config):
+    # the legacy pytorch_model.bin has no "transformer." prefix and carries causal-mask buffers
+    prefix = "transformer." if weights.find("transformer.wte.weight") else ""
+    weights.ignore(lambda k: k.endswith((".attn.bias", ".attn.masked_bias")))
+    if config.tie_embeddings:  # some files store the tied head again
+        weights.ignore(lambda k: k == "lm_head.weight")
+    transpose = lambda w: w.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
+    weights.map("wte.weight", [prefix + "wte.weight"])
+    weights.map("wpe.weight", [prefix + "wpe.weight"])
+    for i in range(config.n_layer):
+        h, b = f"{prefix}h.{i}.", f"blocks.{i}."
+        for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
+            for p in ("weight", "bias"):
+                weights.map(f"{b}{ours}.{p}", [f"{h}{theirs}.{p}"])
+        for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                             ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
+            weights.map(f"{b}{ours}.weight", [f"{h}{theirs}.weight"], transpose)
+            weights.map(f"{b}{ours}.bias", [f"{h}{theirs}.bias"])
+    for p in ("weight", "bias"):
+        weights.map(f"norm_f.{p}", [f"{prefix}ln_f.{p}"])
+    if not config.tie_embeddings and not config.n_labels:
+        weights.map("lm_head.weight", ["lm_head.weight"])
+
+
+def map_llama_hf(weights, config):
+    weights.ignore(lambda k: k.endswith("rotary_emb.inv_freq"))
+    cat = lambda *t: torch.cat(t, dim=0)
+    weights.map("wte.weight", ["model.embed_tokens.weight"])
+    for i in range(config.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        weights.map(f"{b}norm1.weight", [h + "input_layernorm.weight"])
+        weights.map(f"{b}norm2.weight", [h + "post_attention_layernorm.weight"])
+        weights.map(f"{b}attn.qkv.weight", [h + f"self_attn.{x}_proj.weight" for x in "qkv"], cat)
+        weights.map(f"{b}attn.proj.weight", [h + "self_attn.o_proj.weight"])
+        weights.map(f"{b}mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], cat)
+        weights.map(f"{b}mlp.proj.weight", [h + "mlp.down_proj.weight"])
+    weights.map("norm_f.weight", ["model.norm.weight"])
+    if config.tie_embeddings:
+        weights.ignore(lambda k: k == "lm_head.weight")
+    elif not config.n_labels:
+        weights.map("lm_head.weight", ["lm_head.weight"])
+
+
+def map_falcon(weights, config):
+    """Falcon's keys. Its fused query_key_value rows are laid out per key/value group (the group's queries, then its
+    key, then its value); ours are all queries, then all keys, then all values."""
+    hd, n_head, n_kv = config.head_dim, config.n_head, config.n_kv_head
+
+    def split_qkv(w):  # (rows, ...) in Falcon's order -> ours
+        # every Falcon layout is (n_kv groups, n_head/n_kv queries + a key + a value, hd): multi-query is one group,
+        # the per-head layout n_head groups of one query each
+        w = w.view(n_kv, n_head // n_kv + 2, hd, *w.shape[1:])
+        return torch.cat([w[:, :-2].flatten(0, 2), w[:, -2].flatten(0, 1), w[:, -1].flatten(0, 1)])
+
+    weights.map("wte.weight", ["transformer.word_embeddings.weight"])
+    norms = {"parallel": [("norm1", "input_layernorm")], "parallel2": [("norm1", "ln_attn"), ("norm2", "ln_mlp")],
+             "sequential": [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]}[config.block]
+    linears = [("attn.qkv", "self_attention.query_key_value"), ("attn.proj", "self_attention.dense"),
+               ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")]
+    for i in range(config.n_layer):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        for ours, theirs in norms:
+            for p in ("weight", "bias"):
+                weights.map(f"{b}{ours}.{p}", [f"{h}{theirs}.{p}"])
+        for ours, theirs in linears:
+            for p in ("weight", "bias") if config.bias else ("weight",):
+                weights.map(f"{b}{ours}.{p}", [f"{h}{theirs}.{p}"], split_qkv if ours == "attn.qkv" else lambda t: t)
+    for p in ("weight", "bias"):
+        weights.map(f"norm_f.{p}", ["transformer.ln_f." + p])
+    if config.tie_embeddings:
+        weights.ignore(lambda k: k == "lm_head.weight")
+    elif not config.n_labels:
+        weights.map("lm_head.weight", ["lm_head.weight"])
+
+
+def meta_to_halves(w, n_heads):
+    """Meta's RoPE rotates interleaved pairs (0,1),(2,3)...; ours rotates halves (i, i+hs/2): permute q/k rows."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_meta_llama(folder):
+    """A Meta folder: params.json and consolidated.NN.pth model-parallel shards."""
+    params = read_json(os.path.join(folder, "params.json"))
+    shards = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    if not shards:
+        raise FileNotFoundError(f"{folder} has params.json but no consolidated.NN.pth weight files")
+    weights = Weights(folder)
+    for path in shards:
+        weights.add_file(path)
+    files = [os.path.basename(p) for p in shards]
+    first = weights.files[files[0]]
+    for key in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+        if key not in first:
+            raise KeyError(f"{shards[0]}: key {key} is missing; this is not a Meta Llama checkpoint")
+    n_layer, n_head = params["n_layers"], params["n_heads"]
+    n_kv_head = params.get("n_kv_heads") or n_head
+    n_embd = params["dim"]
+    # Llama 2 splits the embedding over its width (dim 1), Llama 3 over the vocabulary (dim 0)
+    emb_rows, emb_cols = first["tok_embeddings.weight"]().shape
+    emb_split = 0 if emb_cols == n_embd else 1
+    vocab = emb_rows * (len(files) if emb_split == 0 else 1)
+    intermediate = first["layers.0.feed_forward.w1.weight"]().shape[0] * len(files)
+    scaling = None
+    if params.get("use_scaled_rope"):  # Llama 3.1 and 3.2
+        scaling = dict(LLAMA31_ROPE, factor=params.get("rope_scaling_factor", 8.0))
+    config = GPTConfig(block_size=params.get("max_seq_len", 8192 if scaling is None else 131072),
+                       vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                       intermediate_size=intermediate, norm_eps=params.get("norm_eps", 1e-5),
+                       rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
+                       tie_embeddings=False, **LLAMA_LAYOUT)
+
+    def sharded(ours, key, dim):
+        # model-parallel shards split column-parallel weights on dim 0, row-parallel ones on dim 1;
+        # dim None: replicated on every shard (the norms), read from the first
+        if dim is None:
+            weights.map(ours, [(files[0], key)])
+        else:
+            weights.map(ours, [(f, key) for f in files], lambda *t: torch.cat(t, dim=dim))
+
+    sharded("wte.weight", "tok_embeddings.weight", emb_split)
+    for i in range(n_layer):
+        h, b = f"layers.{i}.", f"blocks.{i}."
+        sharded(f"{b}norm1.weight", h + "attention_norm.weight", None)
+        sharded(f"{b}norm2.weight", h + "ffn_norm.weight", None)
+        q, k, v = ([(f, f"{h}attention.{x}.weight") for f in files] for x in ("wq", "wk", "wv"))
+        s = len(files)
+        weights.map(f"{b}attn.qkv.weight", q + k + v, lambda *t, s=s: torch.cat([
+            meta_to_halves(torch.cat(t[:s]), n_head), meta_to_halves(torch.cat(t[s:2 * s]), n_kv_head),
+            torch.cat(t[2 * s:])]))
+        sharded(f"{b}attn.proj.weight", h + "attention.wo.weight", 1)
+        w1, w3 = ([(f, f"{h}feed_forward.{x}.weight") for f in files] for x in ("w1", "w3"))
+        weights.map(f"{b}mlp.fc.weight", w1 + w3, lambda *t, s=s: torch.cat([torch.cat(t[:s]), torch.cat(t[s:])]))
+        sharded(f"{b}mlp.proj.weight", h + "feed_forward.w2.weight", 1)
+    sharded("norm_f.weight", "norm.weight", None)
+    sharded("lm_head.weight", "output.weight", 0)
+    weights.ignore(lambda k: k == "rope.freqs")
+    if len(files) > 1:  # norms are replicated on every shard; only the first copy is read
+        for f in files[1:]:
+            weights.used.update((f, k) for k in weights.files[f] if k.endswith("norm.weight"))
+    return config, weights

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import save_file
 
-from formats import load_hf, load_meta_llama, load_native, resolve_dtype
+from formats import load_hf, load_llama2c, load_meta_llama, load_native, resolve_dtype
 from model import GPT, rope_frequencies
 
 # -----------------------------------------------------------------------------
@@ -88,9 +88,12 @@ def save_pretrained(model, folder):
 # reading
 
 def from_pretrained(name_or_dir, dtype=None, device=None):
-    """A GPT in eval mode from a local folder (HF config.json, Meta params.json, or ours) or a hub name."""
+    """A GPT in eval mode from a local folder (HF config.json, Meta params.json, or ours), a llama2.c .bin file, or
+    a hub name."""
     folder = resolve_checkpoint(name_or_dir)
-    if os.path.exists(os.path.join(folder, "gpt_config.json")):
+    if os.path.isfile(folder):
+        config, weights = load_llama2c(folder)
+    elif os.path.exists(os.path.join(folder, "gpt_config.json")):
         config, weights = load_native(folder)
     elif os.path.exists(os.path.join(folder, "params.json")):
         config, weights = load_meta_llama(folder)
@@ -126,12 +129,13 @@ def from_pretrained(name_or_dir, dtype=None, device=None):
 
 
 def resolve_checkpoint(name_or_dir):
-    """A local folder as it is; a hub name through the Hugging Face cache (downloaded when online)."""
-    if os.path.isdir(name_or_dir):
+    """A local folder (or llama2.c .bin file) as it is; a hub name through the Hugging Face cache (downloaded when
+    online)."""
+    if os.path.isdir(name_or_dir) or (os.path.isfile(name_or_dir) and name_or_dir.endswith(".bin")):
         return name_or_dir
     if os.path.exists(name_or_dir) or name_or_dir.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_dir} is not a folder; pass the folder that holds config.json "
-                                "or params.json and the weights")
+        raise FileNotFoundError(f"{name_or_dir} is not a folder (nor a llama2.c .bin file); pass the folder that holds "
+                                "config.json or params.json and the weights")
     hint = ("Pass a local folder instead: one with config.json and model.safetensors (Hugging Face layout) "
             "or params.json and consolidated.00.pth (Meta layout).")
     try:

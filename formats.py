@@ -4,6 +4,7 @@ Other codebases' checkpoints, read into model.py's names: each format's config a
 - Hugging Face folders (config.json + model.safetensors, sharded safetensors, or pytorch_model.bin): GPT-2, Llama
   and Falcon, causal LM or sequence classification (a reward model);
 - Meta's Llama folders (params.json + consolidated.NN.pth model-parallel shards);
+- llama2.c's model.bin files (versions 0, 1 and 2), e.g. the TinyStories models;
 - ours (gpt_config.json + model.safetensors), written by checkpoints.save_pretrained.
 Each loader returns (GPTConfig, Weights): a lazy table of our key -> the stored tensors it is built from.
 Nothing is unpickled: .bin/.pth files are read with torch.load(weights_only=True).
@@ -11,7 +12,9 @@ Nothing is unpickled: .bin/.pth files are read with torch.load(weights_only=True
 
 import glob
 import json
+import math
 import os
+import struct
 import zipfile
 
 import torch
@@ -306,22 +309,26 @@ def load_meta_llama(folder):
     for key in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if key not in first:
             raise KeyError(f"{shards[0]}: key {key} is missing; this is not a Meta Llama checkpoint")
-    n_layer, n_head = params["n_layers"], params["n_heads"]
-    n_kv_head = params.get("n_kv_heads") or n_head
     n_embd = params["dim"]
     # Llama 2 splits the embedding over its width (dim 1), Llama 3 over the vocabulary (dim 0)
     emb_rows, emb_cols = first["tok_embeddings.weight"]().shape
     emb_split = 0 if emb_cols == n_embd else 1
-    vocab = emb_rows * (len(files) if emb_split == 0 else 1)
-    intermediate = first["layers.0.feed_forward.w1.weight"]().shape[0] * len(files)
     scaling = None
     if params.get("use_scaled_rope"):  # Llama 3.1 and 3.2
         scaling = dict(LLAMA31_ROPE, factor=params.get("rope_scaling_factor", 8.0))
     config = GPTConfig(block_size=params.get("max_seq_len", 8192 if scaling is None else 131072),
-                       vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-                       intermediate_size=intermediate, norm_eps=params.get("norm_eps", 1e-5),
-                       rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
-                       tie_embeddings=False, **LLAMA_LAYOUT)
+                       vocab_size=emb_rows * (len(files) if emb_split == 0 else 1), n_layer=params["n_layers"],
+                       n_head=params["n_heads"], n_kv_head=params.get("n_kv_heads") or 0, n_embd=n_embd,
+                       intermediate_size=first["layers.0.feed_forward.w1.weight"]().shape[0] * len(files),
+                       norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                       rope_scaling=scaling, tie_embeddings=False, **LLAMA_LAYOUT)
+    map_meta(weights, files, config, emb_split)
+    return config, weights
+
+
+def map_meta(weights, files, config, emb_split=0):
+    """Meta's keys (also llama2.c's), from one file or several model-parallel shards."""
+    n_head, n_kv_head = config.n_head, config.n_kv_head
 
     def sharded(ours, key, dim):
         # model-parallel shards split column-parallel weights on dim 0, row-parallel ones on dim 1;
@@ -332,23 +339,92 @@ def load_meta_llama(folder):
             weights.map(ours, [(f, key) for f in files], lambda *t: torch.cat(t, dim=dim))
 
     sharded("wte.weight", "tok_embeddings.weight", emb_split)
-    for i in range(n_layer):
+    s = len(files)
+    for i in range(config.n_layer):
         h, b = f"layers.{i}.", f"blocks.{i}."
         sharded(f"{b}norm1.weight", h + "attention_norm.weight", None)
         sharded(f"{b}norm2.weight", h + "ffn_norm.weight", None)
         q, k, v = ([(f, f"{h}attention.{x}.weight") for f in files] for x in ("wq", "wk", "wv"))
-        s = len(files)
-        weights.map(f"{b}attn.qkv.weight", q + k + v, lambda *t, s=s: torch.cat([
+        weights.map(f"{b}attn.qkv.weight", q + k + v, lambda *t: torch.cat([
             meta_to_halves(torch.cat(t[:s]), n_head), meta_to_halves(torch.cat(t[s:2 * s]), n_kv_head),
             torch.cat(t[2 * s:])]))
         sharded(f"{b}attn.proj.weight", h + "attention.wo.weight", 1)
         w1, w3 = ([(f, f"{h}feed_forward.{x}.weight") for f in files] for x in ("w1", "w3"))
-        weights.map(f"{b}mlp.fc.weight", w1 + w3, lambda *t, s=s: torch.cat([torch.cat(t[:s]), torch.cat(t[s:])]))
+        weights.map(f"{b}mlp.fc.weight", w1 + w3, lambda *t: torch.cat([torch.cat(t[:s]), torch.cat(t[s:])]))
         sharded(f"{b}mlp.proj.weight", h + "feed_forward.w2.weight", 1)
     sharded("norm_f.weight", "norm.weight", None)
-    sharded("lm_head.weight", "output.weight", 0)
-    weights.ignore(lambda k: k == "rope.freqs")
-    if len(files) > 1:  # norms are replicated on every shard; only the first copy is read
-        for f in files[1:]:
-            weights.used.update((f, k) for k in weights.files[f] if k.endswith("norm.weight"))
+    if config.tie_embeddings:
+        weights.ignore(lambda k: k == "output.weight")
+    else:
+        sharded("lm_head.weight", "output.weight", 0)
+    weights.ignore(lambda k: k in ("rope.freqs", "freqs_cos", "freqs_sin"))
+    for f in files[1:]:  # norms are replicated on every shard; only the first copy is read
+        weights.used.update((f, k) for k in weights.files[f] if k.endswith("norm.weight"))
+
+
+LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c's .bin files from version 1 on
+
+
+def load_llama2c(path):
+    """A llama2.c checkpoint (`model.bin`, as its export.py writes it): version 0 (a 28-byte header, then fp32
+    tensors), 1 (a 256-byte header with a magic number, fp32) or 2 (int8 in groups with fp32 scales, dequantized
+    here). Its tensors take Meta's names, so map_meta reads them; its RoPE is Meta's interleaved one."""
+    data = open(path, "rb").read()
+    if len(data) < 28:
+        raise ValueError(f"{path} is too short to be a llama2.c checkpoint")
+    magic, version = struct.unpack_from("Ii", data, 0)
+    if magic == LLAMA2C_MAGIC:
+        if version not in (1, 2):
+            raise ValueError(f"{path}: llama2.c version {version} is not supported (versions 0, 1 and 2 are)")
+        dim, hidden, n_layer, n_head, n_kv_head, vocab, max_seq_len = struct.unpack_from("7i", data, 8)
+        shared = bool(data[36])
+        group_size = struct.unpack_from("i", data, 37)[0] if version == 2 else 0
+        offset = 256
+    else:  # version 0: the header alone; a negative vocabulary size means the classifier is not shared
+        version, offset = 0, 28
+        dim, hidden, n_layer, n_head, n_kv_head, vocab, max_seq_len = struct.unpack_from("7i", data, 0)
+        shared, vocab = vocab > 0, abs(vocab)
+    if not (0 < n_head <= dim and 0 < n_kv_head <= n_head and n_layer > 0 and vocab > 0 and dim % n_head == 0):
+        raise ValueError(f"{path} is not a llama2.c checkpoint (its header reads dim {dim}, {n_layer} layers, "
+                         f"{n_head} heads, vocabulary {vocab})")
+    hd = dim // n_head
+    layers = lambda name, *shape: [(f"layers.{i}.{name}", shape) for i in range(n_layer)]
+    norms = [*layers("attention_norm.weight", dim), *layers("ffn_norm.weight", dim), ("norm.weight", (dim,))]
+    matrices = [("tok_embeddings.weight", (vocab, dim)), *layers("attention.wq.weight", n_head * hd, dim),
+                *layers("attention.wk.weight", n_kv_head * hd, dim), *layers("attention.wv.weight", n_kv_head * hd, dim),
+                *layers("attention.wo.weight", dim, n_head * hd), *layers("feed_forward.w1.weight", hidden, dim),
+                *layers("feed_forward.w2.weight", dim, hidden), *layers("feed_forward.w3.weight", hidden, dim)]
+    output = [] if shared else [("output.weight", (vocab, dim))]
+    if version == 0:
+        freqs = [("freqs_cos", (max_seq_len, hd // 2)), ("freqs_sin", (max_seq_len, hd // 2))]
+        order = [matrices[0], *norms[:n_layer], *matrices[1:1 + 4 * n_layer], *norms[n_layer:2 * n_layer],
+                 *matrices[1 + 4 * n_layer:], norms[-1], *freqs, *output]
+    else:
+        order = norms + matrices + output
+    tensors = {}
+    for name, shape in order:
+        n = math.prod(shape)
+        if version == 2 and name not in dict(norms):  # int8 values, then one fp32 scale per group of them
+            need = n + 4 * (n // group_size)
+            if offset + need > len(data):
+                break
+            q = torch.frombuffer(bytearray(data[offset:offset + n]), dtype=torch.int8).float()
+            scales = torch.frombuffer(bytearray(data[offset + n:offset + need]), dtype=torch.float32)
+            tensors[name] = (q.view(-1, group_size) * scales[:, None]).view(shape)
+        else:
+            need = 4 * n
+            if offset + need > len(data):
+                break
+            tensors[name] = torch.frombuffer(bytearray(data[offset:offset + need]), dtype=torch.float32).view(shape)
+        offset += need
+    if len(tensors) < len(order) or offset != len(data):
+        raise ValueError(f"{path}: {len(data)} bytes, but a llama2.c version-{version} file with this header holds "
+                         f"{offset if len(tensors) == len(order) else 'more'}; it is truncated or not a llama2.c checkpoint")
+    config = GPTConfig(block_size=max_seq_len, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                       n_embd=dim, intermediate_size=hidden, norm_eps=1e-5, tie_embeddings=shared,
+                       eos_token_ids=[2, 1], **LLAMA_LAYOUT)  # a TinyStories story ends with BOS (1), or EOS (2)
+    weights = Weights(os.path.dirname(path))
+    name = os.path.basename(path)
+    weights.files[name] = {k: (lambda t=t: t) for k, t in tensors.items()}
+    map_meta(weights, [name], config)
     return config, weights

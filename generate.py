@@ -73,6 +73,7 @@ class Generation:
     texts: list  # per row, the decoded response (None without a tokenizer)
     states: list | None = None  # per row, o_0 ... o_T (T+1, C) when record_states was asked for
     kl: list | None = None  # per row, the mean per-token KL from the base model when record_kl was asked for
+    finished: list | None = None  # per row, True when it ended (EOS or a stop string), False when cut at the limit
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +161,7 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
     length = torch.full((B,), n_new, dtype=torch.long, device=device)  # response tokens kept per row
     done = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose response has ended
     trajectory = [o]  # o_0, o_1, ... (kept for record_states)
+    window = max(map(len, config.stop), default=0) + 1  # tokens that hold any stop string (a token is >= 1 character)
     steps = 0
     for t in range(n_new):
         # E2 without a control: logits W o_t. E3 with one: W (o_t + u_t), the edit computed from o_t alone.
@@ -177,12 +179,14 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
         ended = ~done & torch.isin(y, eos)
         length[ended] = t
         done |= ended
-        # ...or where its text first contains a stop string (the response is cut before it)
+        # ...or where its text first contains a stop string (the response is cut before it): only the newest
+        # tokens are read, enough of them to hold the longest stop string, unless one is found there
         if config.stop:
             for i in (~done).nonzero().flatten().tolist():
-                n = cut_at_stop(out[i, :t + 1].tolist(), tokenizer, config.stop)
-                if n is not None:
-                    length[i], done[i] = n, True
+                if any(s in tokenizer.decode(out[i, max(0, t + 1 - window):t + 1].tolist()) for s in config.stop):
+                    n = cut_at_stop(out[i, :t + 1].tolist(), tokenizer, config.stop)
+                    if n is not None:
+                        length[i], done[i] = n, True
         if bool(done.all()) or (t == n_new - 1 and not record_states):
             break  # the last state o_T is only needed when the states are recorded
         # E1: the token, not the edit, enters the memory: (h_{t+1}, o_{t+1}) = f_LM(h_t, y_{t+1})
@@ -190,8 +194,11 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
         trajectory.append(o)
 
     tokens = [out[i, :length[i]].tolist() for i in range(B)]
-    texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else [None] * B
-    generation = Generation(tokens=tokens, texts=texts)
+    # the text a response adds to its prompt: decoded after the prompt, so that a leading space (a sentencepiece
+    # piece "▁He") is kept and prompt text + response text is the text of prompt + response tokens
+    texts = [tokenizer.decode(p + r)[len(tokenizer.decode(p)):] for p, r in zip(prompts, tokens)] \
+        if tokenizer is not None else [None] * B
+    generation = Generation(tokens=tokens, texts=texts, finished=done.tolist())
     if record_states:
         stacked = torch.stack(trajectory, dim=1)  # (B, steps+1, C)
         generation.states = [stacked[i, :length[i] + 1] for i in range(B)]  # o_0 ... o_T of each response

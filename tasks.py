@@ -34,7 +34,13 @@ def load_model(spec, dtype=None, device=None, log=print):
         model, enc = toyworld.load_variant(spec, log=log)
         return model.to(dtype=resolve_dtype(dtype), device=check_device(device)), enc
     model = from_pretrained(spec, dtype=dtype, device=check_device(device))
-    return model, load_tokenizer(resolve_checkpoint(spec))
+    return model, load_tokenizer(tokenizer_folder(spec))
+
+
+def tokenizer_folder(spec):
+    """Where a checkpoint's tokenizer files are: its folder, or the folder of a llama2.c .bin file."""
+    path = resolve_checkpoint(spec)
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
 def check_device(device):
@@ -173,7 +179,7 @@ class RewardModel:
         if not self.model.config.n_labels:
             raise ValueError(f"{folder} is a language model, not a reward model; rm: needs a "
                              "GPT2ForSequenceClassification or LlamaForSequenceClassification checkpoint")
-        self.tokenizer = load_tokenizer(resolve_checkpoint(folder))
+        self.tokenizer = load_tokenizer(tokenizer_folder(folder))
         self.batch_size = batch_size
 
     @torch.no_grad()

@@ -234,6 +234,9 @@ class WithBOS:
     def encode(self, text, **kwargs):
         return [self.bos] + self.enc.encode(text, **kwargs)
 
+    def decode(self, ids, errors="replace"):
+        return self.enc.decode([i for i in ids if i != self.bos], errors=errors)  # BOS is not text
+
     def __getattr__(self, name):
         return getattr(self.enc, name)
 

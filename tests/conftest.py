@@ -49,13 +49,14 @@ def tiny_falcon(folder, new_decoder_architecture=False, multi_query=True, parall
     return model
 
 
-def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False, seed=0, **save_kwargs):
+def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False, seed=0, rope_theta=500000.0,
+               **save_kwargs):
     """A random 2-layer Llama (or LlamaForSequenceClassification) saved with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
     torch.manual_seed(seed)
-    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling:
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=128,

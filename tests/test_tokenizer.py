@@ -5,6 +5,7 @@ import builtins
 import json
 
 import pytest
+import torch
 
 from conftest import TOKENIZER_TEXTS as TEXTS, train_gpt2_files
 from tokenizer import byte_encoding, end_of_sequence_ids, load_tokenizer, save_tokenizer
@@ -112,3 +113,79 @@ def test_gpt2_vocab_missing_bytes_is_an_error(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(ValueError, match="single bytes have no token"):
         load_tokenizer(str(tmp_path))
+
+
+def write_sentencepiece_folder(folder, add_bos=True):
+    """A tokenizer.json in the shape of Llama 2's (Metaspace pieces, <s> and </s> specials) and its config."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "h": 4, "e": 5, "l": 6, "o": 7, "w": 8, "r": 9, "d": 10,
+             "he": 11, "ll": 12, "hell": 13, "hello": 14, "▁hello": 15, "▁w": 16, "or": 17, "ld": 18, "▁world": 19}
+    merges = [("l", "l"), ("h", "e"), ("he", "ll"), ("hell", "o"), ("▁", "hello"), ("▁", "w"), ("o", "r"),
+              ("l", "d"), ("▁w", "or"), ("▁wor", "ld")]
+    vocab["▁wor"] = 20
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens([AddedToken("<unk>", special=True), AddedToken("<s>", special=True),
+                            AddedToken("</s>", special=True)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": add_bos, "bos_token": "<s>"}))
+
+
+def make_tokenizer(kind, folder):
+    if kind == "gpt2":
+        train_gpt2_files(folder)
+    elif kind == "llama3":  # with Llama 3's tokenizer.json template, which puts <|begin_of_text|> first
+        write_llama3_model(folder / "tokenizer.model")
+        template = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>"}},
+                                                             {"Sequence": {"id": "A"}}]}
+        (folder / "tokenizer.json").write_text(json.dumps({"post_processor": template}))
+    elif kind == "sentencepiece":
+        write_sentencepiece_folder(folder)
+    elif kind == "llama2c":
+        from test_llama2c import PIECES
+        import struct
+        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+        pieces += [p.encode() for p, _ in PIECES]
+        (folder / "tokenizer.bin").write_bytes(struct.pack("I", 8) + b"".join(
+            struct.pack("fI", -float(i), len(p)) + p for i, p in enumerate(pieces)))
+    else:
+        save_tokenizer(byte_encoding([" hello", " world"]), str(folder))
+    return load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3", "sentencepiece", "llama2c", "ours"])
+def test_prompt_text_plus_response_text_is_the_text_of_prompt_plus_response_tokens(kind, tmp_path):
+    from generate import SamplingConfig, sample
+    from model import GPT, GPTConfig
+    enc = make_tokenizer(kind, tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = "hello world"
+    ids = enc.encode(prompt)
+    assert enc.decode(ids) == prompt  # BOS and the dummy-prefix space are not text
+    out = sample(model, [ids] * 4, SamplingConfig(max_new_tokens=12, eos_ids=[]), tokenizer=enc, seed=0)
+    for tokens, text in zip(out.tokens, out.texts):
+        assert prompt + text == enc.decode(ids + tokens), (kind, text)
+
+
+def test_bos_comes_first_where_the_checkpoint_says_so(tmp_path):
+    for kind, bos in [("sentencepiece", "<s>"), ("llama3", "<|begin_of_text|>"), ("llama2c", "<s>")]:
+        (tmp_path / kind).mkdir()
+        enc = make_tokenizer(kind, tmp_path / kind)
+        assert enc.encode("hello")[0] == enc.encode_single_token(bos), kind
+    (tmp_path / "gpt2").mkdir()
+    enc = make_tokenizer("gpt2", tmp_path / "gpt2")  # GPT-2 has no BOS
+    assert enc.encode("hello") == enc.encode("hello", allowed_special="all") and enc.decode(enc.encode("hello")) == "hello"
+    (tmp_path / "no-bos").mkdir()
+    write_sentencepiece_folder(tmp_path / "no-bos", add_bos=False)
+    assert load_tokenizer(str(tmp_path / "no-bos")).encode("hello") == [15]
+
+
+def test_special_tokens_typed_in_text_follow_tiktokens_rule(tmp_path):
+    write_sentencepiece_folder(tmp_path)
+    enc = load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="contains the special token '<s>'"):
+        enc.encode("hello <s>")
+    assert enc.encode("hello</s>", allowed_special="all")[-1] == 2  # parsed as the special
+    assert 2 not in enc.encode("hello</s>", disallowed_special=())  # kept as text

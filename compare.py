@@ -22,7 +22,8 @@ from cli import add_control_arguments, checked, is_finite, is_whole, require, ru
 from control import ControlConfig, Controller
 from generate import Method, SamplingConfig, sample_responses
 from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward
-from train_value import Rollouts, history_path
+from rollouts import Rollouts
+from train_value import history_path
 from value import load_value
 
 

@@ -246,7 +246,8 @@ def sample_responses(method, model, enc, prompts, reward_fn, config, seed, recor
         seconds += time.perf_counter() - t0
         n_tokens += sum(len(t) for t in out.tokens)
         rows += [{"prompt": p, "response": out.texts[i], "tokens": out.tokens[i], "kl": out.kl[i],
-                  "states": out.states[i] if record_states else None} for p, i in zip(batch, chosen)]
+                  "finished": out.finished[i], "states": out.states[i] if record_states else None}
+                 for p, i in zip(batch, chosen)]
     rewards = reward_fn([r["prompt"] for r in rows], [r["response"] for r in rows])
     for row, reward in zip(rows, rewards.tolist()):
         row["reward"] = reward
@@ -265,7 +266,8 @@ def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, is_
         for seed, (rows, _) in zip(seeds, runs):
             for row in rows:
                 record = {"method": method.name, "seed": seed, "prompt": row["prompt"], "response": row["response"],
-                          "reward": row["reward"], "kl": row["kl"]}
+                          "tokens": row["tokens"], "finished": row["finished"], "reward": row["reward"],
+                          "kl": row["kl"]}
                 if method.value is not None:  # the value of the first and the last state of the response
                     with torch.no_grad():
                         record["value_start"], record["value_end"] = method.value(row["states"][[0, -1]]).tolist()
@@ -275,8 +277,8 @@ def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, is_
     return summaries, records
 
 
-TABLE = ["method", "reward", "reward_sd_seeds", "reward_sd_responses", "grammatical", "perplexity", "diversity", "kl",
-         "tokens_per_s"]
+TABLE = ["method", "reward", "reward_sd_seeds", "reward_sd_responses", "grammatical", "perplexity", "coherence",
+         "diversity", "kl", "cut", "tokens_per_s"]
 
 
 def print_report(summaries, records=(), examples=0):

@@ -9,6 +9,7 @@ The paper's evaluation (docs/method.md, E8), each metric a function of its own.
 - perplexity of the responses under the base model;
 - mean per-token KL from the base model's next-token distribution (recorded by generate.sample);
 - in the toy world, the exact grammatical fraction (toyworld.is_grammatical);
+- the fraction of responses cut at max_new_tokens before they ended;
 - wall time per response and tokens per second.
 """
 
@@ -106,6 +107,7 @@ def summarize_runs(name, runs, model=None, enc=None, is_grammatical=None):
                "grammatical": grammatical_fraction([r["response"] for r in rows], is_grammatical)
                if is_grammatical else float("nan"),
                "kl": statistics.fmean(r["kl"] for r in rows), "ms_per_response": ms_per_response,
+               "cut": statistics.fmean(not r.get("finished", True) for r in rows),
                "tokens_per_s": tokens_per_s,
                "reward_calls_per_response": sum(c["reward_calls"] for _, c in runs) / len(rows)}
     if model is not None:
@@ -120,7 +122,7 @@ COLUMNS = {"method": ("method", "{}"), "reward": ("reward", "{:+.3f}"), "reward_
            "coherence": ("coherence", "{:.3f}"), "perplexity": ("perplexity", "{:.2f}"),
            "grammatical": ("grammatical", "{:.1%}"), "kl": ("KL/token", "{:.3f}"),
            "ms_per_response": ("ms/response", "{:.1f}"), "tokens_per_s": ("tokens/s", "{:.0f}"),
-           "reward_calls_per_response": ("reward calls/response", "{:.1f}")}
+           "reward_calls_per_response": ("reward calls/response", "{:.1f}"), "cut": ("cut at the limit", "{:.1%}")}
 
 
 def markdown_table(summaries, keys):

@@ -2,8 +2,8 @@
 Train the value function of RE-Control: rollouts of the base model -> rewards -> Bellman training (E6), then the
 strength of the control (E7) chosen on held-out validation prompts and stored with V.
 
-- Rollouts (E1, E6): the base model samples responses and records o_0 ... o_T of each; the reward scores them;
-  shards on disk keep them (fp16) for value training, and a long collection resumes where it stopped.
+- Rollouts (E1, E6, rollouts.py): the base model samples responses and records o_0 ... o_T of each; the reward
+  scores them; shards on disk keep them for value training, and a long collection resumes where it stopped.
 - Training (E5, E6): TD(lambda) on those trajectories; the epoch whose V best predicts the held-out returns is kept.
 - Calibration (E7): the largest radius ||u|| <= radius * ||o_t|| whose cost in KL (and grammar) stays in budget.
 `build_value` runs the three; the command line and recontrol.py call it.
@@ -13,7 +13,6 @@ strength of the control (E7) chosen on held-out validation prompts and stored wi
 """
 
 import copy
-import glob
 import json
 import math
 import os
@@ -23,14 +22,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from checkpoints import check_overwrite, differences, write_atomically, write_text_atomically
-from formats import read_json
+from checkpoints import check_overwrite, write_text_atomically
 from cli import add_config_arguments, checked, config_from_args, is_finite, is_whole, require, run_cli, script_parser
 from control import Controller
 from generate import SamplingConfig, sample
-from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward, prompts_digest
-from value import (ValueConfig, ValueFunction, ValueReport, bellman_loss, made_by, model_fingerprint,
-                   read_made_by, save_value)
+from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward
+from rollouts import Rollouts, collect_rollouts, rollout_job
+from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, made_by, read_made_by, save_value
 
 DEFAULT_OUT = "out/toyworld/value.pt"  # the toy world's value, where compare.py looks for it
 
@@ -50,6 +48,7 @@ class TrainingConfig:
     batch_size: int = 64  # trajectories per step
     state_noise: float = 0.3  # train on states moved by Gaussian noise of this size relative to ||o|| (0: none)
     held_out: float = 0.1  # fraction of prompts held out: they choose the epoch and the radius of the control
+    drop_unfinished: bool = False  # train V only on responses that ended, not on those cut at max_new_tokens
     seed: int = 0  # of the split, the initialisation and the batches (rollouts use it too)
 
     def __post_init__(self):
@@ -80,126 +79,6 @@ class CalibrationConfig:
                  f"--target-quantile must be in [0, 1], got {self.target_quantile}"),
                 (is_whole(self.samples_per_prompt, 1),
                  f"--calibration-samples must be a whole number >= 1, got {self.samples_per_prompt}"))
-
-
-# -----------------------------------------------------------------------------
-# rollouts: states of the base model's own responses, with their rewards (E1, E6)
-
-
-def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, shard_size=512, made_by=None,
-                     overwrite=False, log=print):
-    """Sample config.samples_per_prompt responses per prompt with the base model, keep o_0 ... o_T (E1) and R.
-
-    Shards of `shard_size` responses are written atomically to `folder`; an interrupted collection with the
-    same settings resumes at the first missing shard (each shard has its own seed, so results do not depend on
-    where it stopped). The folder records what made it (`made_by`: the model, the reward ..., and the sampling
-    settings): collecting into it with anything different is an error, unless `overwrite` deletes its shards.
-    """
-    settings = dict(n_prompts=len(prompts), prompts_head=prompts[:3], samples_per_prompt=config.samples_per_prompt,
-                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-                    top_p=config.top_p, stop_strings=list(config.stop), seed=seed, shard_size=shard_size,
-                    width=model.config.n_embd, **(made_by or {}))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"--rollouts {folder} is a file; name a folder")
-    meta_path = os.path.join(folder, "rollouts.json")
-    shard_paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
-    if os.path.exists(meta_path) and overwrite:
-        for path in shard_paths + [meta_path]:  # our own files only
-            os.remove(path)
-        shard_paths = []
-    elif os.path.exists(meta_path):
-        changed = differences(read_json(meta_path)["settings"], settings)
-        if changed:
-            raise ValueError(f"{folder} holds rollouts made with other settings ({'; '.join(changed[:4])}"
-                             f"{'; ...' if len(changed) > 4 else ''}); pass --overwrite to collect them again there, "
-                             "or name another folder with --rollouts")
-    log(f"rollouts: {len(shard_paths)} shards already in {folder} are reused" if shard_paths else
-        f"rollouts: collecting {config.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
-    n_shards = math.ceil(len(jobs) / shard_size)
-    t0, done = time.time(), 0
-    for s in range(n_shards):
-        path = os.path.join(folder, f"shard_{s:05d}.pt")
-        if os.path.exists(path):
-            continue
-        shard_jobs = jobs[s * shard_size:(s + 1) * shard_size]
-        states, lengths, texts = [], [], []
-        for b in range(0, len(shard_jobs), config.batch_size):
-            batch = [prompts[i] for i, _ in shard_jobs[b:b + config.batch_size]]
-            out = sample(model, [enc.encode(p, allowed_special="all") for p in batch], config, tokenizer=enc,
-                         seed=seed * 1_000_003 + s * 1009 + b, record_states=True)
-            states += [x.half().cpu() for x in out.states]
-            lengths += [x.shape[0] for x in out.states]
-            texts += out.texts
-        prompt_index = [i for i, _ in shard_jobs]
-        rewards = reward_fn([prompts[i] for i in prompt_index], texts).float()
-        shard = {"states": torch.cat(states), "lengths": torch.tensor(lengths), "rewards": rewards,
-                 "prompt_index": torch.tensor(prompt_index), "texts": texts}
-        if not os.path.exists(meta_path):  # written with the first shard: a run that fails before leaves nothing
-            os.makedirs(folder, exist_ok=True)
-            write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
-        write_atomically(path, lambda p: torch.save(shard, p))
-        done += len(shard_jobs)
-        rate = done / (time.time() - t0)
-        left = len(jobs) - (s + 1) * shard_size
-        log(f"rollouts: shard {s + 1}/{n_shards}, {rate:.1f} responses/s, mean reward {rewards.mean():+.3f}, "
-            f"ETA {max(left, 0) / rate:.0f}s")
-    return folder
-
-
-class Rollouts:
-    """Streams the shards of a rollout folder as padded batches (states (B, L, d), mask (B, L), rewards (B,))."""
-
-    def __init__(self, folder):
-        meta_path = os.path.join(folder, "rollouts.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{folder} has no rollouts.json; collect rollouts first (train_value.py)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        self.paths = [os.path.join(folder, f"shard_{s:05d}.pt") for s in range(meta["n_shards"])]
-        missing = [p for p in self.paths if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} rollout shards are missing (e.g. {missing[0]}); run the "
-                                    "collection again to resume it")
-        self.settings = meta["settings"]
-
-    def trajectories(self, prompt_ids, rng):
-        """(states (T+1, d), reward) of the responses to the given prompts, shard by shard in random order."""
-        for path in rng.sample(self.paths, len(self.paths)):
-            shard = torch.load(path, weights_only=True)
-            pieces = shard["states"].split(shard["lengths"].tolist())
-            order = [j for j in range(len(pieces)) if int(shard["prompt_index"][j]) in prompt_ids]
-            rng.shuffle(order)
-            for j in order:
-                yield pieces[j], shard["rewards"][j]
-
-    def reward_quantile(self, prompt_ids, q):
-        """The q-quantile of the rewards of the responses to the given prompts."""
-        rewards = torch.cat([shard["rewards"][[int(i) in prompt_ids for i in shard["prompt_index"]]]
-                             for shard in (torch.load(p, weights_only=True) for p in self.paths)])
-        return torch.quantile(rewards, q).item()
-
-    def batches(self, prompt_ids, batch_size, seed=0):
-        rng = random.Random(seed)
-        pool = []
-        for item in self.trajectories(set(prompt_ids), rng):
-            pool.append(item)
-            if len(pool) == batch_size:
-                yield pad_batch(pool)
-                pool = []
-        if pool:
-            yield pad_batch(pool)
-
-
-def pad_batch(items):
-    """Right-pad trajectories of different lengths into (states (B, L, d) fp32, mask (B, L), rewards (B,))."""
-    L = max(s.shape[0] for s, _ in items)
-    states = torch.zeros(len(items), L, items[0][0].shape[1])
-    mask = torch.zeros(len(items), L, dtype=torch.bool)
-    for i, (s, _) in enumerate(items):
-        states[i, :s.shape[0]] = s.float()
-        mask[i, :s.shape[0]] = True
-    return states, mask, torch.stack([r for _, r in items]).float()
 
 
 # -----------------------------------------------------------------------------
@@ -326,12 +205,6 @@ def calibrate_control(model, enc, prompts, value, reward_fn, sampling, config, t
 # the whole job: rollouts -> V -> the strength of its control
 
 
-def rollout_job(model, enc, prompts, reward_name, model_id):
-    """What rollouts are made from, recorded in their folder: the base model, its tokenizer, the prompts, the reward."""
-    return {"model": model_id, "base_fingerprint": model_fingerprint(model), "tokenizer": enc.name,
-            "prompts": prompts_digest(prompts), "reward": reward_name}
-
-
 def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config, training,
                 calibration, model_id, overwrite=False, log=print):
     """Collect rollouts of `model` on `prompts` scored by the reward `reward_name` (into rollouts_folder), train V
@@ -353,7 +226,16 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
     name = "the official loss" if training.method == "official" else (
         f"TD(lambda = {training.lam:g}){'' if training.stop_gradient else ' without stop-gradient'}")
     log(f"training V on {len(train_ids)} prompts, {len(held_out_ids)} held out ({name}, gamma {training.gamma})")
-    rollouts = Rollouts(rollouts_folder)
+    rollouts = Rollouts(rollouts_folder, training.drop_unfinished)
+    ended, total = rollouts.finished_fraction()
+    if ended < total:
+        log(f"rollouts: {total - ended} of {total} responses ({(total - ended) / total:.0%}) were cut at "
+            f"{sampling.max_new_tokens} tokens before they ended; R scores them as they are. "
+            + ("They are left out of training (--drop-unfinished)." if training.drop_unfinished else
+               "--drop-unfinished trains V without them; --max-new-tokens lets them finish."))
+    if training.drop_unfinished and ended == 0:
+        raise ValueError("every response was cut at --max-new-tokens, so --drop-unfinished leaves nothing to train "
+                         "on; raise --max-new-tokens")
     value, history = train(rollouts, train_ids, held_out_ids, value_config, training, log=log)
     best = kept_epoch(history)
     log(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
@@ -392,6 +274,8 @@ TRAINING_HELP = {
     "batch_size": "trajectories per training step",
     "state_noise": "train V on states moved by Gaussian noise of this size relative to ||o|| (0: none)",
     "held_out": "fraction of prompts held out: they choose the epoch and the radius of the control",
+    "drop_unfinished": "train V only on responses that ended (EOS or a stop string), not on those cut at "
+                       "--max-new-tokens",
     "seed": "seed of sampling, the split and training"}
 TRAINING_FLAGS = {"batch_size": "train-batch-size"}
 CALIBRATION_HELP = {

@@ -128,7 +128,7 @@ def tiny_rollouts(tiny_world, tmp_path_factory):
     import toyworld
     from generate import SamplingConfig
     from tasks import load_model
-    from train_value import collect_rollouts, rollout_job
+    from rollouts import collect_rollouts, rollout_job
     model, enc = load_model(tiny_world[0])
     folder = str(tmp_path_factory.mktemp("rollouts"))
     prompts = toyworld.World().train_prompts()

@@ -14,7 +14,7 @@ import toyworld
 from checkpoints import from_pretrained
 from conftest import ROLLOUT_FLAGS
 from generate import SamplingConfig
-from train_value import Rollouts, collect_rollouts
+from rollouts import Rollouts, collect_rollouts
 from tasks import hh_prompt, load_prompts, load_reward
 
 

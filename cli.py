@@ -101,7 +101,9 @@ def add_task_arguments(parser, prompts="toy-test"):
     parser.add_argument("--model", default="toy",
                         help="toy (the embedded default), toy-long, toy@SEED, or a model folder / hub name")
     parser.add_argument("--prompts", default=prompts, help=f"{prompts}, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
-    parser.add_argument("--reward", default="toy", help="toy, sentiment, rm:<folder>, or module:function")
+    parser.add_argument("--reward", default="toy",
+                        help="toy, sentiment, rm:<folder> (rm:<folder>::ultrarm: UltraRM's text layout), or module:function")
+    parser.add_argument("--chat", default=None, help="put each prompt in an instruct model's chat template: llama3 or vicuna")
     parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 
@@ -112,12 +114,15 @@ SAMPLING_HELP = {"max_new_tokens": "longest response (default: what the context 
                  "top_p": "keep the nucleus of probability p",
                  "stop": "stop strings that end a response (e.g. 'Human:')",
                  "samples_per_prompt": "responses per prompt", "batch_size": "responses sampled together"}
-SAMPLING_FLAGS = {"eos_ids": None}  # the checkpoint's, else the tokenizer's
+SAMPLING_FLAGS = {"eos_ids": None}  # named with --eos, as tokens; made ids once the tokenizer is loaded
 
 
 def add_sampling_arguments(parser, config):
-    """The fields of generate.SamplingConfig, with `config`'s values as defaults."""
+    """The fields of generate.SamplingConfig, with `config`'s values as defaults; --eos names its end tokens."""
     add_config_arguments(parser, config, SAMPLING_HELP, SAMPLING_FLAGS)
+    parser.add_argument("--eos", nargs="+", default=None,
+                        help="tokens that end a response, by text ('</s>', '<s>' for TinyStories) or id (default: the "
+                             "checkpoint's end-of-sequence tokens, else the tokenizer's)")
 
 
 def add_control_arguments(parser):

@@ -21,7 +21,8 @@ from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, stee
 from cli import add_control_arguments, checked, is_finite, is_whole, require, run_cli, script_parser
 from control import ControlConfig, Controller
 from generate import Method, SamplingConfig, sample_responses
-from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward
+from tasks import (check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward,
+                   named_tokens)
 from rollouts import Rollouts
 from train_value import history_path
 from value import load_value
@@ -147,12 +148,13 @@ def main(argv=None):
     grammar = grammar_check(args.reward)  # the toy world's exact fluency measure, None for other rewards
     t_start = time.time()
     reward_fn = load_reward(args.reward, device=args.device)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, args.chat)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
     instruction = args.instruction if args.instruction is not None else (
         "i love it . i would recommend it . " if grammar else "A positive, kind and helpful reply follows.\n")
     # the prompting baseline reads the longest prompts: they set the room left for the response
     sampling.max_new_tokens = check_prompts_fit(model, enc, [instruction + p for p in prompts], sampling.max_new_tokens)
+    sampling.eos_ids = named_tokens(enc, args.eos) if args.eos else None
     if args.value is None:
         args.value = train_value.DEFAULT_OUT
         if not os.path.exists(args.value):

@@ -191,6 +191,9 @@ def load_hf(folder):
     read_config, map_keys = families[hf["model_type"]]
     arch = (hf.get("architectures") or [""])[0]
     n_labels = (len(hf.get("id2label", {})) or hf.get("num_labels", 2)) if "SequenceClassification" in arch else 0
+    head = "score.weight"
+    if arch == "LlamaRewardModel":  # UltraRM: a Llama body and a bias-free regression_head, one score
+        n_labels, head = 1, "regression_head.weight"
     eos = hf.get("eos_token_id")
     common = dict(vocab_size=hf["vocab_size"], n_labels=n_labels, pad_token_id=hf.get("pad_token_id"),
                   eos_token_ids=[] if eos is None else eos if isinstance(eos, list) else [eos])
@@ -210,7 +213,7 @@ def load_hf(folder):
                                 "model.safetensors.index.json (sharded) or pytorch_model.bin")
     map_keys(weights, config)
     if n_labels:
-        weights.map("score.weight", ["score.weight"])
+        weights.map("score.weight", [head])
     return config, weights
 
 

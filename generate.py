@@ -28,7 +28,7 @@ from cli import (SAMPLING_FLAGS, add_control_arguments, check_not_an_input, chec
 from control import ControlConfig, Controller
 from model import left_pad
 from tasks import (check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward,
-                   prompts_digest)
+                   named_tokens, prompts_digest)
 from tokenizer import end_of_sequence_ids
 from value import load_value, model_fingerprint
 
@@ -335,9 +335,10 @@ def main(argv=None):
 
     config = checked(parser, settings)
     reward_fn = load_reward(args.reward, device=args.device)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, args.chat)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
     config.max_new_tokens = check_prompts_fit(model, enc, prompts, config.max_new_tokens)
+    config.eos_ids = named_tokens(enc, args.eos) if args.eos else None
     values = {path: load_value(path, model, args.model, args.reward) for path in args.value or []}
     controls = {path: ControlConfig.chosen(checkpoint.get("control") or {}, args.step_size, args.n_steps, args.radius,
                                            args.target, args.l2) for path, (_, checkpoint) in values.items()}

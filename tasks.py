@@ -4,8 +4,8 @@ What RE-Control is applied to: a base model, prompts x, and a reward R(x, y) (do
 Every reward has one interface, reward(prompts, responses) -> tensor (N,), higher is better:
 - "toy": the embedded toy world's sentiment (toyworld.py);
 - "sentiment": an English sentiment lexicon with negation, so GPT-2 can be steered out of the box;
-- "rm:<folder>": a reward model (GPT2ForSequenceClassification or LlamaForSequenceClassification weights)
-  read through model.py, the paper's set-up;
+- "rm:<folder>": a reward model (GPT2ForSequenceClassification, LlamaForSequenceClassification or UltraRM weights)
+  read through model.py, the paper's set-up; "rm:<folder>::ultrarm" lays the text out as UltraRM expects;
 - "<module>:<function>": any function of that signature that Python can import.
 """
 
@@ -56,6 +56,18 @@ def check_device(device):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: the MPS backend is not available here; use --device cpu")
     return device
+
+
+def named_tokens(enc, names):
+    """Token ids of --eos: each a special token's text ("</s>", "<|eot_id|>") or an id."""
+    ids = []
+    for name in names:
+        try:
+            ids.append(int(name) if name.isdigit() else enc.encode_single_token(name))
+        except KeyError:
+            raise ValueError(f"--eos {name!r} is not one token of this tokenizer; name a special token such as '</s>', "
+                             "or give its id") from None
+    return ids
 
 
 def check_task_flags(args):
@@ -114,12 +126,25 @@ def read_lines(path):
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
-def load_prompts(path):
+CHAT_TEMPLATES = {  # --chat: how an instruct model expects a user's turn, ending where the assistant speaks
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "vicuna": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions. USER: {prompt} ASSISTANT:",
+}
+
+
+def load_prompts(path, chat=None):
     """Prompts from "toy-train" / "toy-test", a text file (one per line), JSONL with a "prompt" field, or
-    Anthropic HH-RLHF .jsonl / .jsonl.gz files (records with "chosen" and "rejected" dialogues)."""
+    Anthropic HH-RLHF .jsonl / .jsonl.gz files (records with "chosen" and "rejected" dialogues); each put in the
+    chat template `chat` (CHAT_TEMPLATES) when given."""
+    if chat is not None and chat not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {chat!r}; use one of {', '.join(CHAT_TEMPLATES)}")
+    template = CHAT_TEMPLATES[chat] if chat else "{prompt}"
     if path in ("toy-train", "toy-test"):
         world = toyworld.World()
-        return world.train_prompts() if path == "toy-train" else world.test_prompts()
+        prompts = world.train_prompts() if path == "toy-train" else world.test_prompts()
+        return [template.format(prompt=p) for p in prompts]
     lines = read_lines(path)
     if path.removesuffix(".gz").endswith((".jsonl", ".json")):
         prompts = [prompt_of_record(line, f"{path}, line {n}") for n, line in enumerate(lines, 1) if line.strip()]
@@ -127,7 +152,7 @@ def load_prompts(path):
         prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompts; write one prompt per line (or JSONL with a \"prompt\" field)")
-    return prompts
+    return [template.format(prompt=p) for p in prompts]
 
 
 def prompt_of_record(line, where):
@@ -171,22 +196,30 @@ def english_sentiment(prompts, responses):
                          for r in responses])
 
 
-class RewardModel:
-    """A sequence-classification model as R: the score of label 0 for prompt + response, in batches."""
+RM_FORMATS = {  # rm:<folder>::<format>: the text a reward model reads
+    "plain": "{prompt}{response}",  # HH-RLHF reward models: the prompt is already "\n\nHuman: ...\n\nAssistant:"
+    "ultrarm": "Human: {prompt}\nAssistant: {response}",  # UltraRM
+}
 
-    def __init__(self, folder, dtype=None, device=None, batch_size=16):
+
+class RewardModel:
+    """A sequence-classification model (or UltraRM's regression head) as R: its score of prompt + response, laid
+    out as `template` says, read at the last token, in batches."""
+
+    def __init__(self, folder, dtype=None, device=None, batch_size=16, template=RM_FORMATS["plain"]):
         self.model = from_pretrained(folder, dtype=dtype, device=device)
         if not self.model.config.n_labels:
             raise ValueError(f"{folder} is a language model, not a reward model; rm: needs a "
                              "GPT2ForSequenceClassification or LlamaForSequenceClassification checkpoint")
         self.tokenizer = load_tokenizer(tokenizer_folder(folder))
-        self.batch_size = batch_size
+        self.batch_size, self.template = batch_size, template
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
         device = self.model.wte.weight.device
         limit = self.model.config.block_size
-        rows = [self.tokenizer.encode(p + r, allowed_special="all")[-limit:] for p, r in zip(prompts, responses)]
+        texts = [self.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        rows = [self.tokenizer.encode(text, allowed_special="all")[-limit:] for text in texts]
         scores = []
         for i in range(0, len(rows), self.batch_size):
             idx, mask = left_pad(rows[i:i + self.batch_size], device)
@@ -230,7 +263,10 @@ def load_reward(spec, device=None):
     if spec in REWARDS:
         return CheckedReward(REWARDS[spec], spec)
     if spec.startswith("rm:"):
-        return CheckedReward(RewardModel(spec[3:], device=device), spec)
+        folder, _, form = spec[3:].partition("::")
+        if form and form not in RM_FORMATS:
+            raise ValueError(f"reward {spec!r}: unknown format {form!r} after '::'; use one of {', '.join(RM_FORMATS)}")
+        return CheckedReward(RewardModel(folder, device=device, template=RM_FORMATS[form or "plain"]), spec)
     if ":" in spec:
         module_name, function_name = spec.rsplit(":", 1)
         try:

@@ -26,7 +26,8 @@ from checkpoints import check_overwrite, write_text_atomically
 from cli import add_config_arguments, checked, config_from_args, is_finite, is_whole, require, run_cli, script_parser
 from control import Controller
 from generate import SamplingConfig, sample
-from tasks import check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward
+from tasks import (check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward,
+                   named_tokens)
 from rollouts import Rollouts, collect_rollouts, rollout_job
 from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, made_by, read_made_by, save_value
 
@@ -308,9 +309,10 @@ def main(argv=None):
                 config_from_args(CalibrationConfig, args, CALIBRATION_FLAGS), SamplingConfig.from_args(args))
 
     training, calibration, sampling = checked(parser, settings)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, args.chat)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
-    sampling = replace(sampling, max_new_tokens=check_prompts_fit(model, enc, prompts, sampling.max_new_tokens))
+    sampling = replace(sampling, max_new_tokens=check_prompts_fit(model, enc, prompts, sampling.max_new_tokens),
+                       eos_ids=named_tokens(enc, args.eos) if args.eos else None)
     value_config = ValueConfig(n_embd=model.config.n_embd, n_hidden=args.hidden_layers, width=args.width,
                                activation=args.activation)
     rollouts = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"

@@ -182,3 +182,29 @@ def test_dtype_applies_to_the_toy_world_too(tiny_world, monkeypatch):
     monkeypatch.setattr(toyworld, "load_variant", lambda spec, log: (from_pretrained(folder), load_tokenizer(folder)))
     model, _ = tasks.load_model("toy", dtype="bfloat16")
     assert model.wte.weight.dtype == torch.bfloat16
+
+
+def test_chat_templates_and_reward_model_layouts(tmp_path):
+    from conftest import tiny_gpt2, train_gpt2_files
+    vicuna = load_prompts("toy-test", chat="vicuna")[0]
+    assert vicuna.startswith("A chat between a curious user") and vicuna.endswith("USER: " + load_prompts("toy-test")[0]
+                                                                                   + " ASSISTANT:")
+    llama3 = load_prompts("toy-test", chat="llama3")[0]
+    assert llama3.startswith("<|begin_of_text|><|start_header_id|>user") and llama3.endswith("<|end_header_id|>\n\n")
+    with pytest.raises(ValueError, match="unknown chat template 'alpaca'"):
+        load_prompts("toy-test", chat="alpaca")
+    train_gpt2_files(tmp_path)
+    tiny_gpt2(tmp_path, cls_head=True, vocab_size=400)
+    plain, ultra = load_reward(f"rm:{tmp_path}"), load_reward(f"rm:{tmp_path}::ultrarm")
+    assert ultra(["Hi"], [" there"]) == plain(["Human: Hi\nAssistant:"], ["  there"])
+    with pytest.raises(ValueError, match="unknown format 'nope' after '::'"):
+        load_reward(f"rm:{tmp_path}::nope")
+
+
+def test_eos_names_the_tokens_that_end_a_response(tiny_world, tmp_path):
+    folder, _ = tiny_world
+    out = tmp_path / "gen.jsonl"
+    generate.main(["--model", folder, "--eos", " .", "--max-new-tokens", "16", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert all(" ." not in r["response"] for r in rows) and sum(r["finished"] for r in rows) >= 0.9 * len(rows)
+    assert all(len(r["tokens"]) < 16 or not r["finished"] for r in rows)

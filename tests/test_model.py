@@ -49,6 +49,26 @@ def test_reward_head_scores_match_transformers(family, tmp_path, tokens):
             assert (ours[i] - expected).abs().max() <= 1e-4
 
 
+def test_ultrarm_regression_head_matches_a_transcription_on_transformers_llama(tmp_path, tokens):
+    # UltraRM: LlamaModel, then a bias-free Linear(hidden, 1) "regression_head" read at the last token
+    import json
+    from safetensors.torch import save_file
+    ref = tiny_llama(tmp_path / "causal", n_kv_head=2)
+    torch.manual_seed(3)
+    head = torch.randn(1, 32)
+    state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"} | {"regression_head.weight": head}
+    (tmp_path / "ultrarm").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ultrarm" / "model.safetensors"))
+    config = json.loads((tmp_path / "causal" / "config.json").read_text()) | {"architectures": ["LlamaRewardModel"]}
+    (tmp_path / "ultrarm" / "config.json").write_text(json.dumps(config))
+    model = from_pretrained(str(tmp_path / "ultrarm"))
+    with torch.no_grad():
+        for row in tokens:
+            hidden = ref.model(row[None]).last_hidden_state  # (1, T, C)
+            expected = (hidden[:, -1] @ head.T)[0]
+            assert (model.reward_scores(row[None])[0] - expected).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "falcon"])
 def test_cached_decoding_equals_full_recompute(kind, tokens):
     model = random_model(kind)

@@ -30,12 +30,12 @@ def tiny_gpt2(folder, tie=True, cls_head=False, seed=0, vocab_size=VOCAB):
 
 
 def tiny_falcon(folder, new_decoder_architecture=False, multi_query=True, parallel_attn=True, num_kv_heads=None,
-                bias=False, tie=True, seed=0):
+                bias=False, tie=True, seed=0, vocab_size=VOCAB):
     """A random 2-layer Falcon saved with save_pretrained: the 7B layout by default (multi-query, parallel block),
     the 40B/180B layout with new_decoder_architecture (grouped key/value heads, two norms)."""
     from transformers import FalconConfig, FalconForCausalLM
     torch.manual_seed(seed)
-    config = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = FalconConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           num_kv_heads=num_kv_heads, new_decoder_architecture=new_decoder_architecture,
                           multi_query=multi_query, parallel_attn=parallel_attn, bias=bias, alibi=False,
                           max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
@@ -50,7 +50,7 @@ def tiny_falcon(folder, new_decoder_architecture=False, multi_query=True, parall
 
 
 def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False, seed=0, rope_theta=500000.0,
-               **save_kwargs):
+               vocab_size=VOCAB, **save_kwargs):
     """A random 2-layer Llama (or LlamaForSequenceClassification) saved with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
     torch.manual_seed(seed)
@@ -58,7 +58,7 @@ def tiny_llama(folder, n_kv_head=4, tie=False, rope_scaling=None, cls_head=False
     if rope_scaling:
         rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=128,
                          rope_parameters=rope, tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None,
                          pad_token_id=0, num_labels=1, rms_norm_eps=1e-5)

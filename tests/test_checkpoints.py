@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 from checkpoints import from_pretrained, write_atomically
 
 @pytest.mark.parametrize("zip_format", [True, False])  # False: the pre-1.6 format of the original GPT-2 files
@@ -60,7 +60,7 @@ def write_meta_folder(folder, hf_state, n_shards, use_scaled_rope):
             else:
                 shard[k] = w.chunk(n_shards, dim=0)[s].clone()
         torch.save(shard, folder / f"consolidated.{s:02d}.pth")
-    params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": VOCAB, "norm_eps": 1e-5,
+    params = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": len(meta["tok_embeddings.weight"]), "norm_eps": 1e-5,
               "rope_theta": 500000.0, "use_scaled_rope": use_scaled_rope, "max_seq_len": 128}
     (folder / "params.json").write_text(json.dumps(params))
 

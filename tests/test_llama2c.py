@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoints import from_pretrained
-from conftest import VOCAB, tiny_llama
+from conftest import tiny_llama
 from test_checkpoints import halves_to_meta
 from tokenizer import Llama2cTokenizer
 
@@ -25,10 +25,11 @@ def write_llama2c_bin(path, ref, version, shared):
     matrices = [emb, *wq, *wk, *layer("self_attn.v_proj"), *layer("self_attn.o_proj"), *layer("mlp.gate_proj"),
                 *layer("mlp.down_proj"), *layer("mlp.up_proj")]
     norms = [*layer("input_layernorm"), *layer("post_attention_layernorm"), norm]
-    params = (dim, hidden, L, n_head, n_kv, VOCAB, c.max_position_embeddings)
+    vocab = c.vocab_size
+    params = (dim, hidden, L, n_head, n_kv, vocab, c.max_position_embeddings)
     fp32 = lambda ts: b"".join(t.detach().float().contiguous().numpy().tobytes() for t in ts)
     if version == 0:
-        header = struct.pack("7i", *params[:5], VOCAB if shared else -VOCAB, params[6])
+        header = struct.pack("7i", *params[:5], vocab if shared else -vocab, params[6])
         freqs = torch.zeros(c.max_position_embeddings, hd // 2)  # stored, and ignored by readers
         body = fp32([emb, *norms[:L], *matrices[1:1 + 4 * L], *norms[L:2 * L], *matrices[1 + 4 * L:], norm, freqs,
                      freqs, *output])

@@ -16,6 +16,7 @@ that puts the base model and RE-Control side by side (E8).
 
 import json
 import time
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,6 +106,20 @@ def kl_divergence(logits, base_logits, temperature):
     return (logp.exp() * (logp - logq)).nan_to_num().sum(-1)  # tokens removed from p (logp = -inf) add 0
 
 
+FINISHERS = weakref.WeakKeyDictionary()  # tokenizer -> {stop strings: the token ids that can complete one}
+
+
+def stop_finishers(tokenizer, stop_strings, device):
+    """The ids of the tokens that can complete a stop string: those whose text holds the last character of one, or
+    that are not whole characters alone (bytes of a longer one). Only a row that draws one of them is read."""
+    cache = FINISHERS.setdefault(tokenizer, {})
+    if stop_strings not in cache:
+        ends = {s[-1] for s in stop_strings} | {"\ufffd"}
+        texts = [tokenizer.decode([i]) for i in range(tokenizer.n_vocab)]
+        cache[stop_strings] = [i for i, text in enumerate(texts) if any(c in text for c in ends)]
+    return torch.tensor(cache[stop_strings] or [-1], device=device)
+
+
 def cut_at_stop(tokens, enc, stop_strings):
     """The longest token prefix whose text ends before the first stop string (None: no stop string in it)."""
     text = enc.decode(tokens)
@@ -161,7 +176,9 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
     length = torch.full((B,), n_new, dtype=torch.long, device=device)  # response tokens kept per row
     done = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose response has ended
     trajectory = [o]  # o_0, o_1, ... (kept for record_states)
-    window = max(map(len, config.stop), default=0) + 1  # tokens that hold any stop string (a token is >= 1 character)
+    if config.stop:
+        window = max(map(len, config.stop)) + 1  # tokens that hold any stop string (a token is >= 1 character)
+        finishers = stop_finishers(tokenizer, config.stop, device)
     steps = 0
     for t in range(n_new):
         # E2 without a control: logits W o_t. E3 with one: W (o_t + u_t), the edit computed from o_t alone.
@@ -179,10 +196,10 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
         ended = ~done & torch.isin(y, eos)
         length[ended] = t
         done |= ended
-        # ...or where its text first contains a stop string (the response is cut before it): only the newest
-        # tokens are read, enough of them to hold the longest stop string, unless one is found there
+        # ...or where its text first contains a stop string (the response is cut before it): only rows whose new
+        # token can complete one are read, and only their newest tokens, enough to hold the longest stop string
         if config.stop:
-            for i in (~done).nonzero().flatten().tolist():
+            for i in (~done & torch.isin(y, finishers)).nonzero().flatten().tolist():
                 if any(s in tokenizer.decode(out[i, max(0, t + 1 - window):t + 1].tolist()) for s in config.stop):
                     n = cut_at_stop(out[i, :t + 1].tolist(), tokenizer, config.stop)
                     if n is not None:

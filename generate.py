@@ -109,15 +109,22 @@ def kl_divergence(logits, base_logits, temperature):
 FINISHERS = weakref.WeakKeyDictionary()  # tokenizer -> {stop strings: the token ids that can complete one}
 
 
-def stop_finishers(tokenizer, stop_strings, device):
+def token_text(tokenizer, i):
+    """The text of token i alone; "\ufffd" for an id the tokenizer cannot decode (the model's vocabulary can be padded)."""
+    try:
+        return tokenizer.decode([i])
+    except (KeyError, ValueError, IndexError):
+        return "\ufffd"
+
+
+def stop_finishers(tokenizer, stop_strings, vocab_size, device):
     """The ids of the tokens that can complete a stop string: those whose text holds the last character of one, or
     that are not whole characters alone (bytes of a longer one). Only a row that draws one of them is read."""
     cache = FINISHERS.setdefault(tokenizer, {})
-    if stop_strings not in cache:
+    if (stop_strings, vocab_size) not in cache:
         ends = {s[-1] for s in stop_strings} | {"\ufffd"}
-        texts = [tokenizer.decode([i]) for i in range(tokenizer.n_vocab)]
-        cache[stop_strings] = [i for i, text in enumerate(texts) if any(c in text for c in ends)]
-    return torch.tensor(cache[stop_strings] or [-1], device=device)
+        cache[stop_strings, vocab_size] = [i for i in range(vocab_size) if any(c in token_text(tokenizer, i) for c in ends)]
+    return torch.tensor(cache[stop_strings, vocab_size] or [-1], device=device)
 
 
 def cut_at_stop(tokens, enc, stop_strings):
@@ -178,7 +185,7 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
     trajectory = [o]  # o_0, o_1, ... (kept for record_states)
     if config.stop:
         window = max(map(len, config.stop)) + 1  # tokens that hold any stop string (a token is >= 1 character)
-        finishers = stop_finishers(tokenizer, config.stop, device)
+        finishers = stop_finishers(tokenizer, config.stop, model.config.vocab_size, device)
     steps = 0
     for t in range(n_new):
         # E2 without a control: logits W o_t. E3 with one: W (o_t + u_t), the edit computed from o_t alone.

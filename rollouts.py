@@ -39,7 +39,8 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
     where it stopped). The folder records what made it (`made_by`: the model, the reward ..., and the sampling
     settings): collecting into it with anything different is an error, unless `overwrite` deletes its shards.
     """
-    settings = dict(n_prompts=len(prompts), prompts_head=prompts[:3], samples_per_prompt=config.samples_per_prompt,
+    settings = dict(shard_format=2, n_prompts=len(prompts), prompts_head=prompts[:3],  # 2: with tokens and finished
+                    samples_per_prompt=config.samples_per_prompt,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                     top_p=config.top_p, stop_strings=list(config.stop), seed=seed, shard_size=shard_size,
                     width=model.config.n_embd, **({"eos_ids": list(config.eos_ids)} if config.eos_ids is not None else {}),

@@ -221,8 +221,6 @@ def map_gpt2(weights, config):
     # the legacy pytorch_model.bin has no "transformer." prefix and carries causal-mask buffers
     prefix = "transformer." if weights.find("transformer.wte.weight") else ""
     weights.ignore(lambda k: k.endswith((".attn.bias", ".attn.masked_bias")))
-    if config.tie_embeddings:  # some files store the tied head again
-        weights.ignore(lambda k: k == "lm_head.weight")
     transpose = lambda w: w.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
     weights.map("wte.weight", [prefix + "wte.weight"])
     weights.map("wpe.weight", [prefix + "wpe.weight"])
@@ -237,8 +235,7 @@ def map_gpt2(weights, config):
             weights.map(f"{b}{ours}.bias", [f"{h}{theirs}.bias"])
     for p in ("weight", "bias"):
         weights.map(f"norm_f.{p}", [f"{prefix}ln_f.{p}"])
-    if not config.tie_embeddings and not config.n_labels:
-        weights.map("lm_head.weight", ["lm_head.weight"])
+    map_lm_head(weights, config)
 
 
 def map_llama_hf(weights, config):
@@ -254,6 +251,12 @@ def map_llama_hf(weights, config):
         weights.map(f"{b}mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], cat)
         weights.map(f"{b}mlp.proj.weight", [h + "mlp.down_proj.weight"])
     weights.map("norm_f.weight", ["model.norm.weight"])
+    map_lm_head(weights, config)
+
+
+def map_lm_head(weights, config):
+    """The LM head: its own weights, or the embedding's when tied (a file that stores the tied copy again has it
+    ignored); a reward model has its score head instead."""
     if config.tie_embeddings:
         weights.ignore(lambda k: k == "lm_head.weight")
     elif not config.n_labels:
@@ -286,10 +289,7 @@ def map_falcon(weights, config):
                 weights.map(f"{b}{ours}.{p}", [f"{h}{theirs}.{p}"], split_qkv if ours == "attn.qkv" else lambda t: t)
     for p in ("weight", "bias"):
         weights.map(f"norm_f.{p}", ["transformer.ln_f." + p])
-    if config.tie_embeddings:
-        weights.ignore(lambda k: k == "lm_head.weight")
-    elif not config.n_labels:
-        weights.map("lm_head.weight", ["lm_head.weight"])
+    map_lm_head(weights, config)
 
 
 def meta_to_halves(w, n_heads):

@@ -76,13 +76,18 @@ PIECES = [  # (piece, score), after the 3 specials and the 256 bytes, as llama2.
     (" wor", -9.0), ("ld", -3.2), (" world", -10.0), ("é", -2.0)]
 
 
-@pytest.fixture
-def llama2c_tokenizer(tmp_path):
+def write_llama2c_tokenizer(path):
+    """A tokenizer.bin as llama2.c's tokenizer.py exports one: the longest piece's length, then each piece's score,
+    length and bytes; <unk>, BOS and EOS, then the 256 byte pieces, then PIECES."""
     pieces = [(b"<unk>", 0.0), (b"\n<s>\n", 0.0), (b"\n</s>\n", 0.0)]
     pieces += [(f"<0x{b:02X}>".encode(), 0.0) for b in range(256)] + [(p.encode(), s) for p, s in PIECES]
     data = struct.pack("I", max(len(p) for p, _ in pieces))
-    data += b"".join(struct.pack("fI", s, len(p)) + p for p, s in pieces)
-    (tmp_path / "tokenizer.bin").write_bytes(data)
+    path.write_bytes(data + b"".join(struct.pack("fI", s, len(p)) + p for p, s in pieces))
+
+
+@pytest.fixture
+def llama2c_tokenizer(tmp_path):
+    write_llama2c_tokenizer(tmp_path / "tokenizer.bin")
     return Llama2cTokenizer(str(tmp_path / "tokenizer.bin"))
 
 

@@ -2,7 +2,6 @@
 the project reads (written here in that format), with a reward model where one applies."""
 
 import os
-import struct
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import generate
 import train_value
 from conftest import tiny_falcon, tiny_gpt2, tiny_llama, train_gpt2_files
 from test_checkpoints import write_meta_folder
-from test_llama2c import PIECES, write_llama2c_bin
+from test_llama2c import PIECES, write_llama2c_bin, write_llama2c_tokenizer
 from test_tokenizer import write_llama3_model
 
 LLAMA3_VOCAB = 260 + 256  # write_llama3_model's 260 ranks and Llama 3's 256 special tokens
@@ -45,10 +44,7 @@ def llama2c(folder):
     folder.mkdir()
     ref = tiny_llama(folder.parent / "hf", n_kv_head=2, rope_theta=10000.0, vocab_size=259 + len(PIECES))
     write_llama2c_bin(folder / "model.bin", ref, version=1, shared=False)
-    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
-    pieces += [p.encode() for p, _ in PIECES]
-    (folder / "tokenizer.bin").write_bytes(struct.pack("I", 8) + b"".join(
-        struct.pack("fI", -float(i), len(p)) + p for i, p in enumerate(pieces)))
+    write_llama2c_tokenizer(folder / "tokenizer.bin")
     return str(folder / "model.bin"), "sentiment"
 
 

@@ -143,12 +143,8 @@ def make_tokenizer(kind, folder):
     elif kind == "sentencepiece":
         write_sentencepiece_folder(folder)
     elif kind == "llama2c":
-        from test_llama2c import PIECES
-        import struct
-        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
-        pieces += [p.encode() for p, _ in PIECES]
-        (folder / "tokenizer.bin").write_bytes(struct.pack("I", 8) + b"".join(
-            struct.pack("fI", -float(i), len(p)) + p for i, p in enumerate(pieces)))
+        from test_llama2c import write_llama2c_tokenizer
+        write_llama2c_tokenizer(folder / "tokenizer.bin")
     else:
         save_tokenizer(byte_encoding([" hello", " world"]), str(folder))
     return load_tokenizer(str(folder))

@@ -20,6 +20,7 @@ import zipfile
 import torch
 from safetensors import safe_open
 
+from cli import require
 from model import GPTConfig, LLAMA31_ROPE, LLAMA_LAYOUT
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -126,11 +127,10 @@ def load_native(folder):
 
 
 def gpt2_config(hf, where, common):
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise ValueError(f"{where}: scale_attn_by_inverse_layer_idx and reorder_and_upcast_attn are not supported")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported "
-                         "(GPT-2 uses gelu_new)")
+    require((not (hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn")),
+             f"{where}: scale_attn_by_inverse_layer_idx and reorder_and_upcast_attn are not supported"),
+            (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+             f"{where}: activation_function {hf.get('activation_function')!r} is not supported (GPT-2 uses gelu_new)"))
     return GPTConfig(block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                      intermediate_size=hf.get("n_inner") or 0, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                      tie_embeddings=hf.get("tie_word_embeddings", True), **common)
@@ -144,10 +144,9 @@ def rope_settings(hf, where):
 
 
 def llama_config(hf, where, common):
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"{where}: attention_bias / mlp_bias are not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+    require((not (hf.get("attention_bias") or hf.get("mlp_bias")), f"{where}: attention_bias / mlp_bias are not supported"),
+            (hf.get("hidden_act", "silu") == "silu",
+             f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (Llama uses silu)"))
     theta, scaling = rope_settings(hf, where)
     return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
                      n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or 0,
@@ -158,13 +157,11 @@ def llama_config(hf, where, common):
 
 
 def falcon_config(hf, where, common):
-    if hf.get("alibi"):
-        raise ValueError(f"{where}: Falcon with ALiBi positions (alibi: true) is not supported; rotary ones are")
-    if hf.get("activation", "gelu") != "gelu":
-        raise ValueError(f"{where}: activation {hf['activation']!r} is not supported (Falcon uses gelu)")
     theta, scaling = rope_settings(hf, where)
-    if scaling:
-        raise ValueError(f"{where}: rope scaling {scaling} is not supported for Falcon")
+    require((not hf.get("alibi"), f"{where}: Falcon with ALiBi positions (alibi: true) is not supported; rotary ones are"),
+            (hf.get("activation", "gelu") == "gelu",
+             f"{where}: activation {hf.get('activation')!r} is not supported (Falcon uses gelu)"),
+            (not scaling, f"{where}: rope scaling {scaling} is not supported for Falcon"))
     n_head, new_layout = hf["num_attention_heads"], hf.get("new_decoder_architecture", False)
     if new_layout:  # Falcon-40B/180B: grouped key/value heads; two norms unless num_ln_in_parallel_attn says one
         n_kv_head, block = hf.get("num_kv_heads") or n_head, "parallel" if hf.get("num_ln_in_parallel_attn") == 1 \

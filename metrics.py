@@ -96,7 +96,7 @@ def throughput(n_tokens, n_responses, seconds):
 
 def summarize_runs(name, runs, model=None, enc=None, is_grammatical=None):
     """One row of a results table from runs of one method, one per seed, each (rows, cost) as returned by
-    generate.sample_with. The reward's spread is over seeds; coherence and perplexity need the base model."""
+    generate.sample_responses. The reward's spread is over seeds; coherence and perplexity need the base model."""
     reward, spread = mean_and_spread([statistics.fmean(r["reward"] for r in rows) for rows, _ in runs])
     rows = [r for run, _ in runs for r in run]
     ms_per_response, tokens_per_s = throughput(sum(c["tokens"] for _, c in runs), len(rows),

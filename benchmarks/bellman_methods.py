@@ -44,12 +44,13 @@ def table(rows):
     for r in rows:
         b, c = r["base"], r["ctrl"]
         by_position = " / ".join(f"{r['by_position'][p]:.3f}" for p in positions)
-        spread = max(b["reward_sd_seeds"], c["reward_sd_seeds"], 1e-9)
+        spread = max(b["reward_sd_seeds"], c["reward_sd_seeds"])
+        gain = f"{(c['reward'] - b['reward']) / spread:+.1f}" if spread > 0 else "n/a (one seed)"
         grammar = f"{c['grammatical']:.1%} ({b['grammatical']:.1%})" if b["grammatical"] == b["grammatical"] else "-"
         lines.append(f"| {r['method']} | {r['epoch']} | {r['spread']:.3f} | {r['corr']:+.3f} | {r['error']:.3f} "
                      f"({r['best_constant']:.3f}) | {by_position} | "
                      f"{r['radius']} | {b['reward']:+.3f} → {c['reward']:+.3f} | "
-                     f"{(c['reward'] - b['reward']) / spread:+.1f} | {c['kl']:.3f} | {c['perplexity']:.2f} "
+                     f"{gain} | {c['kl']:.3f} | {c['perplexity']:.2f} "
                      f"({b['perplexity']:.2f}) | {grammar} |")
     return "\n".join(lines)
 

@@ -71,7 +71,8 @@ def check_overwrite(path, made_by, read_made_by, overwrite):
     changed = differences(recorded, made_by) if made_by is not None else []
     if changed:
         raise ValueError(f"{path} was made with other settings ({'; '.join(changed[:4])}"
-                         f"{'; ...' if len(changed) > 4 else ''}); choose another path, or pass --overwrite to replace it")
+                         f"{'; ...' if len(changed) > 4 else ''}); choose another path, or pass --overwrite to "
+                         "replace it")
 
 
 def save_pretrained(model, folder):

@@ -102,8 +102,10 @@ def add_task_arguments(parser, prompts="toy-test"):
                         help="toy (the embedded default), toy-long, toy@SEED, or a model folder / hub name")
     parser.add_argument("--prompts", default=prompts, help=f"{prompts}, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
     parser.add_argument("--reward", default="toy",
-                        help="toy, sentiment, rm:<folder> (rm:<folder>::ultrarm: UltraRM's text layout), or module:function")
-    parser.add_argument("--chat", default=None, help="put each prompt in an instruct model's chat template: llama3 or vicuna")
+                        help="toy, sentiment, rm:<folder> (rm:<folder>::ultrarm: UltraRM's text layout), "
+                             "or module:function")
+    parser.add_argument("--chat", default=None,
+                        help="put each prompt in an instruct model's chat template: llama3 or vicuna")
     parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 

@@ -85,8 +85,9 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
         for s in points:
             near.setdefault((round(s[fluency_key], 2), round(s["reward"], 2)), []).append(s)
         for i, group in enumerate(near.values()):
-            ax.annotate("α=" + ", ".join(f"{s['alpha']:g}" for s in group), (group[0][fluency_key], group[0]["reward"]),
-                        textcoords="offset points", xytext=(dx, 4 if i % 2 else -9), ha=align, fontsize=7, color=color)
+            label = "α=" + ", ".join(f"{s['alpha']:g}" for s in group)
+            ax.annotate(label, (group[0][fluency_key], group[0]["reward"]), textcoords="offset points",
+                        xytext=(dx, 4 if i % 2 else -9), ha=align, fontsize=7, color=color)
     for s, color in zip(summaries, plt.get_cmap("tab10").colors):
         ax.scatter(s[fluency_key], s["reward"], marker="s", s=60, zorder=3, color=color, label=s["method"])
     save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: the alpha sweep of E7, other methods as squares",
@@ -133,7 +134,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def settings():  # every flag is checked before any work
-        require((args.value is not None or args.model == "toy", "--value is needed for a model other than the toy world's"),
+        require((args.value is not None or args.model == "toy",
+                 "--value is needed for a model other than the toy world's"),
                 (is_whole(args.best_of, 1), f"--best-of must be a whole number >= 1, got {args.best_of}"),
                 (is_whole(args.guide_k, 1), f"--guide-k must be a whole number >= 1, got {args.guide_k}"),
                 (all(is_finite(x, 0) for x in (args.steering_scale, args.guide_weight, args.value_guide_weight)),
@@ -171,7 +173,8 @@ def main(argv=None):
     methods = [Method("base"), Method("prompting", instruction=instruction),
                Method("static editing", edit=SteeringEdit(vector, args.steering_scale)),
                Method(f"best-of-{args.best_of}", best_of=args.best_of),
-               Method("ARGS (prefix R)", guide=lambda p, r: PrefixRewardGuide(r, enc, p, args.guide_k, args.guide_weight)),
+               Method("ARGS (prefix R)",
+                      guide=lambda p, r: PrefixRewardGuide(r, enc, p, args.guide_k, args.guide_weight)),
                Method("CD (V next state)", guide=lambda p, r: NextStateValueGuide(model, value, args.guide_k,
                                                                                    args.value_guide_weight)),
                Method("RE-Control", edit=Controller.from_config(value, control))]

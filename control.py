@@ -27,7 +27,8 @@ class ControlConfig:
     target: float | None = None  # a row stops climbing once V(o_t + u) >= target; None: always n steps
 
     def __post_init__(self):
-        require((is_finite(self.step_size, 0), f"the step size (--step-size) must be a number >= 0, got {self.step_size}"),
+        require((is_finite(self.step_size, 0),
+                 f"the step size (--step-size) must be a number >= 0, got {self.step_size}"),
                 (is_whole(self.n_steps, 0), f"the steps (--n-steps) must be a whole number >= 0, got {self.n_steps}"),
                 (is_finite(self.l2, 0), f"l2 (--l2) must be a number >= 0, got {self.l2}"),
                 (self.radius is None or self.radius > 0,

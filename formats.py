@@ -144,7 +144,8 @@ def rope_settings(hf, where):
 
 
 def llama_config(hf, where, common):
-    require((not (hf.get("attention_bias") or hf.get("mlp_bias")), f"{where}: attention_bias / mlp_bias are not supported"),
+    require((not (hf.get("attention_bias") or hf.get("mlp_bias")),
+             f"{where}: attention_bias / mlp_bias are not supported"),
             (hf.get("hidden_act", "silu") == "silu",
              f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (Llama uses silu)"))
     theta, scaling = rope_settings(hf, where)
@@ -158,7 +159,8 @@ def llama_config(hf, where, common):
 
 def falcon_config(hf, where, common):
     theta, scaling = rope_settings(hf, where)
-    require((not hf.get("alibi"), f"{where}: Falcon with ALiBi positions (alibi: true) is not supported; rotary ones are"),
+    require((not hf.get("alibi"),
+             f"{where}: Falcon with ALiBi positions (alibi: true) is not supported; rotary ones are"),
             (hf.get("activation", "gelu") == "gelu",
              f"{where}: activation {hf.get('activation')!r} is not supported (Falcon uses gelu)"),
             (not scaling, f"{where}: rope scaling {scaling} is not supported for Falcon"))
@@ -391,7 +393,8 @@ def load_llama2c(path):
     layers = lambda name, *shape: [(f"layers.{i}.{name}", shape) for i in range(n_layer)]
     norms = [*layers("attention_norm.weight", dim), *layers("ffn_norm.weight", dim), ("norm.weight", (dim,))]
     matrices = [("tok_embeddings.weight", (vocab, dim)), *layers("attention.wq.weight", n_head * hd, dim),
-                *layers("attention.wk.weight", n_kv_head * hd, dim), *layers("attention.wv.weight", n_kv_head * hd, dim),
+                *layers("attention.wk.weight", n_kv_head * hd, dim),
+                *layers("attention.wv.weight", n_kv_head * hd, dim),
                 *layers("attention.wo.weight", dim, n_head * hd), *layers("feed_forward.w1.weight", hidden, dim),
                 *layers("feed_forward.w2.weight", dim, hidden), *layers("feed_forward.w3.weight", hidden, dim)]
     output = [] if shared else [("output.weight", (vocab, dim))]
@@ -419,7 +422,8 @@ def load_llama2c(path):
         offset += need
     if len(tensors) < len(order) or offset != len(data):
         raise ValueError(f"{path}: {len(data)} bytes, but a llama2.c version-{version} file with this header holds "
-                         f"{offset if len(tensors) == len(order) else 'more'}; it is truncated or not a llama2.c checkpoint")
+                         f"{offset if len(tensors) == len(order) else 'more'}; it is truncated or not a llama2.c "
+                         "checkpoint")
     config = GPTConfig(block_size=max_seq_len, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                        n_embd=dim, intermediate_size=hidden, norm_eps=1e-5, tie_embeddings=shared,
                        eos_token_ids=[2, 1], **LLAMA_LAYOUT)  # a TinyStories story ends with BOS (1), or EOS (2)

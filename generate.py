@@ -53,11 +53,14 @@ class SamplingConfig:
         self.stop = tuple(self.stop)
         require((self.max_new_tokens is None or is_whole(self.max_new_tokens, 1),
                  f"--max-new-tokens must be a whole number >= 1, got {self.max_new_tokens}"),
-                (is_finite(self.temperature, 0), f"--temperature must be a number >= 0 (0: greedy), got {self.temperature}"),
-                (self.top_k is None or is_whole(self.top_k, 1), f"--top-k must be a whole number >= 1, got {self.top_k}"),
+                (is_finite(self.temperature, 0),
+                 f"--temperature must be a number >= 0 (0: greedy), got {self.temperature}"),
+                (self.top_k is None or is_whole(self.top_k, 1),
+                 f"--top-k must be a whole number >= 1, got {self.top_k}"),
                 (self.top_p is None or is_finite(self.top_p, 0, strictly=True) and self.top_p <= 1,
                  f"--top-p must be in (0, 1], got {self.top_p}"),
-                (all(isinstance(s, str) and s for s in self.stop), f"--stop strings must not be empty, got {self.stop}"),
+                (all(isinstance(s, str) and s for s in self.stop),
+                 f"--stop strings must not be empty, got {self.stop}"),
                 (is_whole(self.samples_per_prompt, 1),
                  f"--samples-per-prompt must be a whole number >= 1, got {self.samples_per_prompt}"),
                 (is_whole(self.batch_size, 1), f"--batch-size must be a whole number >= 1, got {self.batch_size}"))
@@ -110,7 +113,8 @@ FINISHERS = weakref.WeakKeyDictionary()  # tokenizer -> {stop strings: the token
 
 
 def token_text(tokenizer, i):
-    """The text of token i alone; "\ufffd" for an id the tokenizer cannot decode (the model's vocabulary can be padded)."""
+    """The text of token i alone; "\ufffd" for an id the tokenizer cannot decode (a model's vocabulary can be
+    padded beyond its tokenizer's)."""
     try:
         return tokenizer.decode([i])
     except (KeyError, ValueError, IndexError):
@@ -123,7 +127,8 @@ def stop_finishers(tokenizer, stop_strings, vocab_size, device):
     cache = FINISHERS.setdefault(tokenizer, {})
     if (stop_strings, vocab_size) not in cache:
         ends = {s[-1] for s in stop_strings} | {"\ufffd"}
-        cache[stop_strings, vocab_size] = [i for i in range(vocab_size) if any(c in token_text(tokenizer, i) for c in ends)]
+        cache[stop_strings, vocab_size] = [i for i in range(vocab_size)
+                                           if any(c in token_text(tokenizer, i) for c in ends)]
     return torch.tensor(cache[stop_strings, vocab_size] or [-1], device=device)
 
 
@@ -338,7 +343,8 @@ def read_jsonl_made_by(path):
 def main(argv=None):
     parser = script_parser(__doc__, prompts="toy-test", sampling=SamplingConfig())
     parser.add_argument("--value", nargs="+", default=None,
-                        help="value checkpoints from train_value.py; each adds a RE-Control row (none: base model only)")
+                        help="value checkpoints from train_value.py; each adds a RE-Control row "
+                             "(none: base model only)")
     add_control_arguments(parser)
     parser.add_argument("--sweep", type=float, nargs="*", default=None,
                         help="instead of one setting, run each alpha*n given here (n, radius and target as set)")

@@ -72,7 +72,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     name, _, seed = args.model.partition("@")
     if name not in toyworld.VARIANTS:
-        parser.error(f"--model must name a toy world ({', '.join(toyworld.VARIANTS)}, optionally @SEED), got {args.model!r}")
+        parser.error(f"--model must name a toy world ({', '.join(toyworld.VARIANTS)}, optionally @SEED), "
+                     f"got {args.model!r}")
     out_dir = args.out_dir or os.path.join(toyworld.VARIANTS[name][0], f"seed{seed}" if seed else "")
 
     # 1. the base model (pretrained once and cached), the world's prompts split into train and test, its reward

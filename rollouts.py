@@ -43,8 +43,9 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
                     samples_per_prompt=config.samples_per_prompt,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                     top_p=config.top_p, stop_strings=list(config.stop), seed=seed, shard_size=shard_size,
-                    width=model.config.n_embd, **({"eos_ids": list(config.eos_ids)} if config.eos_ids is not None else {}),
-                    **(made_by or {}))
+                    width=model.config.n_embd, **(made_by or {}))
+    if config.eos_ids is not None:  # recorded only when named, so folders made without --eos keep their settings
+        settings["eos_ids"] = list(config.eos_ids)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--rollouts {folder} is a file; name a folder")
     meta_path = os.path.join(folder, "rollouts.json")

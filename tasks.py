@@ -52,7 +52,8 @@ def check_device(device):
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA devices here; use --device cpu")
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA devices here; "
+                         "use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: the MPS backend is not available here; use --device cpu")
     return device
@@ -121,7 +122,8 @@ def read_lines(path):
         with opener(path, "rt", encoding="utf-8") as f:
             return f.read().splitlines()
     except gzip.BadGzipFile:
-        raise ValueError(f"{path} is not gzip-compressed, though its name ends in .gz; rename it or compress it") from None
+        raise ValueError(f"{path} is not gzip-compressed, though its name ends in .gz; rename it or compress "
+                         "it") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
@@ -239,7 +241,8 @@ class CheckedReward:
             scores = self.function(prompts, responses)
             scores = torch.as_tensor(scores, dtype=torch.float32).cpu()
         except Exception as e:
-            raise ValueError(f"reward {self.name!r} failed on {len(responses)} responses: {type(e).__name__}: {e}") from e
+            raise ValueError(f"reward {self.name!r} failed on {len(responses)} responses: "
+                             f"{type(e).__name__}: {e}") from e
         if scores.shape != (len(responses),):
             raise ValueError(f"reward {self.name!r} returned shape {tuple(scores.shape)} for {len(responses)} "
                              f"responses; it must return one number per response, shape ({len(responses)},)")

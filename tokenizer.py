@@ -280,7 +280,8 @@ def save_tokenizer(enc, folder):
     write_text_atomically(os.path.join(folder, "tokenizer.model"),
                           "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks))
     write_text_atomically(os.path.join(folder, "tiktoken.json"),
-                          json.dumps({"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens}))
+                          json.dumps({"name": enc.name, "pat_str": enc._pat_str,
+                                      "special_tokens": enc._special_tokens}))
 
 
 def load_tokenizer(folder):

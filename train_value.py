@@ -58,7 +58,8 @@ class TrainingConfig:
                 (0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}"),
                 (is_whole(self.epochs, 1), f"--epochs must be a whole number >= 1, got {self.epochs}"),
                 (is_finite(self.lr, 0, strictly=True), f"--lr must be a number > 0, got {self.lr}"),
-                (is_whole(self.batch_size, 1), f"--train-batch-size must be a whole number >= 1, got {self.batch_size}"),
+                (is_whole(self.batch_size, 1),
+                 f"--train-batch-size must be a whole number >= 1, got {self.batch_size}"),
                 (is_finite(self.state_noise, 0), f"--state-noise must be a number >= 0, got {self.state_noise}"),
                 (0 <= self.held_out < 1, f"--held-out must be in [0, 1), got {self.held_out}"))
 
@@ -73,7 +74,8 @@ class CalibrationConfig:
     samples_per_prompt: int = 16  # responses per held-out prompt
 
     def __post_init__(self):
-        require((is_finite(self.step_size, 0, strictly=True), f"--step-size must be a number > 0, got {self.step_size}"),
+        require((is_finite(self.step_size, 0, strictly=True),
+                 f"--step-size must be a number > 0, got {self.step_size}"),
                 (is_whole(self.n_steps, 1), f"--n-steps must be a whole number >= 1, got {self.n_steps}"),
                 (is_finite(self.kl_budget, 0, strictly=True), f"--kl-budget must be a number > 0, got {self.kl_budget}"),
                 (self.target_quantile is None or 0 <= self.target_quantile <= 1,

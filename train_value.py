@@ -307,6 +307,7 @@ def main(argv=None):
     def settings():  # every flag is checked before any work
         check_task_flags(args)
         check_overwrite(args.out, None, read_made_by, args.overwrite)
+        ValueConfig(n_embd=1, n_hidden=args.hidden_layers, width=args.width, activation=args.activation)
         return (config_from_args(TrainingConfig, args, TRAINING_FLAGS),
                 config_from_args(CalibrationConfig, args, CALIBRATION_FLAGS), SamplingConfig.from_args(args))
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import write_atomically
+from cli import is_whole, require
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -22,9 +23,11 @@ class ValueConfig:
     activation: str = "relu"
 
     def __post_init__(self):
+        require((self.activation in ACTIVATIONS,
+                 f"--activation {self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}"),
+                (is_whole(self.n_hidden, 0), f"--hidden-layers must be a whole number >= 0, got {self.n_hidden}"),
+                (is_whole(self.width, 0), f"--width must be a whole number >= 0 (0: the model's width), got {self.width}"))
         self.width = self.width or self.n_embd
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
 class ValueFunction(nn.Module):

@@ -113,6 +113,7 @@ CASES = [  # (case, script, argv, exit code, what the message must say)
      "exceeds the model's context of 48"),
     ("best-of 0", compare, gen("--value", "{value}", "--best-of", "0"), 2, "--best-of must be a whole number >= 1, got 0"),
     ("NaN in the sweep", compare, gen("--value", "{value}", "--sweep-alphas", "1", "nan"), 2, "(--step-size) must be a number >= 0, got nan"),
+    ("unknown activation", train_value, train("--activation", "swish"), 2, "--activation 'swish' is unknown"),
     ("no epochs", train_value, train("--epochs", "0"), 2, "--epochs must be a whole number >= 1, got 0"),
     ("gamma NaN", train_value, train("--gamma", "nan"), 2, "--gamma must be in (0, 1], got nan"),
     ("lambda 2", train_value, train("--lam", "2"), 2, "--lam must be in [0, 1], got 2.0"),

@@ -12,11 +12,10 @@ Steps 2-4 are one function, learn_and_steer, that the benchmarks call too.
     python recontrol.py      # no downloads; pretrains the toy base model the first time (2-5 min), then ~2.5 min
 """
 
-import argparse
 import os
 
 import toyworld
-from cli import run_cli
+from cli import new_parser, run_cli
 from control import ControlConfig, Controller
 from checkpoints import check_overwrite
 from generate import Method, SamplingConfig, evaluate_methods, print_report, read_jsonl_made_by, write_jsonl
@@ -58,7 +57,7 @@ def learn_and_steer(model, enc, model_id, out_dir, training=TrainingConfig(), ro
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(__doc__)
     parser.add_argument("--model", default="toy",
                         help="toy, toy-long (responses of ~100 tokens), or either with @SEED: another pretraining seed")
     parser.add_argument("--out-dir", default=None,

@@ -4,8 +4,9 @@ Tokenizers, built offline from the files of a checkpoint folder: text <-> token 
 Everything is a tiktoken.Encoding (or, for sentencepiece models, an object with the same encode/decode calls):
 - GPT-2's vocab.json + merges.txt (or encoder.json + vocab.bpe) turned into tiktoken's ranks;
 - Llama 3's tokenizer.model, which is already in tiktoken's format;
-- sentencepiece's tokenizer.json (Llama 2, Vicuna) through the optional `tokenizers` package;
-- llama2.c's tokenizer.bin (the TinyStories models), encoded exactly as llama2.c does;
+- a Hugging Face tokenizer.json through the optional `tokenizers` package;
+- sentencepiece's tokenizer.model (Llama 2, Vicuna) and llama2.c's tokenizer.bin (the TinyStories models), read
+  here and encoded as llama2.c does (which is sentencepiece's BPE);
 - our own byte-level encodings (the toy world's), written by save_tokenizer.
 tiktoken.get_encoding("gpt2") would download its files; nothing here does.
 """
@@ -151,38 +152,29 @@ class HFTokenizer:
         return token
 
 
-class Llama2cTokenizer:
-    """llama2.c's tokenizer.bin (its export of a sentencepiece model: a score and the bytes of each piece), encoding as
-    llama2.c's `encode` does: BOS (id 1), a dummy-prefix space, each UTF-8 character as a piece (or its bytes, ids
-    3..258), then merges of the adjacent pair whose merged piece scores best, until none is left."""
+class SentencePieceTokenizer:
+    """A sentencepiece BPE vocabulary (Llama 2, Vicuna, llama2.c's TinyStories): pieces and their scores, encoded as
+    llama2.c's `encode` does — BOS, a dummy-prefix space, each UTF-8 character as a piece (or its bytes as byte
+    pieces), then merges of the adjacent pair whose merged piece scores best, until none is left — which is how
+    sentencepiece encodes a BPE model. Pieces are bytes with sentencepiece's "▁" written as a space."""
 
-    BOS, EOS = 1, 2
-
-    def __init__(self, path):
-        data = open(path, "rb").read()
-        self.pieces, self.scores = [], []
-        offset = 4  # after the longest piece's length
-        while offset < len(data):
-            if offset + 8 > len(data):
-                raise ValueError(f"{path} is truncated: it ends inside the entry of piece {len(self.pieces)}")
-            score, length = struct.unpack_from("fi", data, offset)
-            self.pieces.append(data[offset + 8:offset + 8 + length])
-            self.scores.append(score)
-            offset += 8 + length
-        if len(self.pieces) < 259:
-            raise ValueError(f"{path} holds {len(self.pieces)} pieces; a llama2.c tokenizer has at least 259 "
-                             "(<unk>, <s>, </s> and 256 bytes)")
-        self.lookup = {}
-        for i, piece in enumerate(self.pieces):
-            self.lookup.setdefault(piece, i)
-        self.name, self.n_vocab = f"llama2c:{os.path.abspath(path)}", len(self.pieces)
-        self.special_tokens_set = {"<unk>", "<s>", "</s>"}
+    def __init__(self, pieces, scores, specials, name, text_ids=None, add_bos=True):
+        self.pieces, self.scores, self.specials, self.name = pieces, scores, specials, name
+        self.n_vocab, self.special_tokens_set, self.add_bos = len(pieces), set(specials), add_bos
+        self.lookup = {}  # the pieces text can be made of (text_ids; all of them for llama2.c, as its encode has it)
+        for i in range(len(pieces)) if text_ids is None else text_ids:
+            self.lookup.setdefault(pieces[i], i)
+        try:
+            self.byte_ids = [pieces.index(f"<0x{b:02X}>".encode()) for b in range(256)]
+        except ValueError:
+            raise ValueError(f"{name}: the vocabulary has no byte pieces <0x00> ... <0xFF> (byte fallback)") from None
+        self.byte_of = {i: bytes([b]) for b, i in enumerate(self.byte_ids)}
 
     def encode_plain(self, text, dummy_prefix):
         ids = [self.lookup[b" "]] if dummy_prefix and text and b" " in self.lookup else []
         for char in text:
             piece = char.encode("utf-8")
-            ids += [self.lookup[piece]] if piece in self.lookup else [b + 3 for b in piece]  # byte fallback
+            ids += [self.lookup[piece]] if piece in self.lookup else [self.byte_ids[b] for b in piece]  # byte fallback
         while True:  # merge the best-scoring adjacent pair (the first one on a tie)
             best, at = None, -1
             for i in range(len(ids) - 1):
@@ -194,35 +186,100 @@ class Llama2cTokenizer:
             ids[at:at + 2] = [best]
 
     def encode(self, text, allowed_special=(), disallowed_special="all"):
-        ids = [self.BOS]
+        ids = [self.specials["<s>"]] if self.add_bos else []
         if not special_tokens_in(text, self.special_tokens_set, allowed_special, disallowed_special):
             return ids + self.encode_plain(text, dummy_prefix=True)
-        for n, part in enumerate(re.split(r"(<unk>|<s>|</s>)", text)):
-            if part in self.special_tokens_set:
-                ids.append(self.encode_single_token(part))
+        for n, part in enumerate(re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text)):
+            if part in self.specials:
+                ids.append(self.specials[part])
             elif part:
                 ids += self.encode_plain(part, dummy_prefix=n == 0)
         return ids
 
     def decode(self, ids, errors="replace"):
-        out, previous = bytearray(), None
+        out, previous, bos, special = bytearray(), None, self.specials["<s>"], set(self.specials.values())
         for i in ids:
-            piece = self.pieces[i]
-            if i in (0, self.BOS, self.EOS):  # specials are not text
+            piece = self.byte_of.get(i, self.pieces[i])  # a byte piece stands for its byte
+            if i in special:  # specials are not text
                 piece = b""
-            elif previous == self.BOS and piece.startswith(b" "):  # the dummy prefix after BOS is not text either
+            elif previous == bos and piece.startswith(b" "):  # nor is the dummy prefix after BOS
                 piece = piece[1:]
-            elif re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", piece):  # a byte-fallback piece stands for that byte
-                piece = bytes([int(piece[3:5], 16)])
             out += piece
             previous = i
         return out.decode("utf-8", errors=errors)
 
     def encode_single_token(self, text):
-        ids = {"<unk>": 0, "<s>": self.BOS, "</s>": self.EOS}
-        if text not in ids:
-            raise KeyError(text)
-        return ids[text]
+        return self.specials[text]
+
+
+def read_llama2c_tokenizer(path):
+    """llama2.c's tokenizer.bin: the longest piece's length, then a score, a length and the bytes of each piece;
+    <unk>, <s>, </s> (written "\n<s>\n", "\n</s>\n") are ids 0, 1, 2."""
+    data = open(path, "rb").read()
+    pieces, scores, offset = [], [], 4
+    while offset < len(data):
+        if offset + 8 > len(data):
+            raise ValueError(f"{path} is truncated: it ends inside the entry of piece {len(pieces)}")
+        score, length = struct.unpack_from("fi", data, offset)
+        pieces.append(data[offset + 8:offset + 8 + length])
+        scores.append(score)
+        offset += 8 + length
+    if len(pieces) < 259:
+        raise ValueError(f"{path} holds {len(pieces)} pieces; a llama2.c tokenizer has at least 259 "
+                         "(<unk>, <s>, </s> and 256 bytes)")
+    return SentencePieceTokenizer(pieces, scores, {"<unk>": 0, "<s>": 1, "</s>": 2}, f"llama2c:{os.path.abspath(path)}")
+
+
+def protobuf_fields(data):
+    """(field number, value) of a protobuf message: bytes for length-delimited fields, ints for varints, floats."""
+    pos = 0
+
+    def varint():
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while pos < len(data):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, varint()
+        elif wire == 2:
+            n = varint()
+            pos += n
+            yield field, data[pos - n:pos]
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            pos += size
+            yield field, struct.unpack("<d" if wire == 1 else "<f", data[pos - size:pos])[0]
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not one sentencepiece uses")
+
+
+def read_sentencepiece_model(path, add_bos=True):
+    """sentencepiece's own tokenizer.model (a protobuf ModelProto): its pieces (field 1: piece, score, type) of a
+    BPE model. Text is made of normal and user-defined pieces; <unk>, <s>, </s> are its unknown and control ones."""
+    try:
+        pieces, scores, types = [], [], []
+        for field, value in protobuf_fields(open(path, "rb").read()):
+            if field == 1:  # one SentencePiece: 1 piece, 2 score, 3 type (1 normal, 2 unknown, 3 control, ..., 6 byte)
+                parts = dict(protobuf_fields(value))
+                pieces.append(parts[1].decode("utf-8").replace("\u2581", " ").encode("utf-8"))
+                scores.append(parts.get(2, 0.0))
+                types.append(parts.get(3, 1))
+    except (IndexError, KeyError, UnicodeDecodeError, struct.error):
+        raise ValueError(f"{path} is not a sentencepiece model (nor tiktoken's text format)") from None
+    specials = {p.decode(): i for i, (p, t) in enumerate(zip(pieces, types)) if t in (2, 3)}
+    if "<s>" not in specials:
+        raise ValueError(f"{path}: the sentencepiece model has no <s> piece")
+    text_ids = [i for i, t in enumerate(types) if t in (1, 4)]
+    return SentencePieceTokenizer(pieces, scores, specials, f"sentencepiece:{os.path.abspath(path)}", text_ids, add_bos)
 
 
 class WithBOS:
@@ -239,6 +296,11 @@ class WithBOS:
 
     def __getattr__(self, name):
         return getattr(self.enc, name)
+
+
+def has_bos_setting(folder):
+    path = os.path.join(folder, "tokenizer_config.json")
+    return os.path.exists(path) and "add_bos_token" in read_json(path)
 
 
 def bos_of(folder):
@@ -295,15 +357,17 @@ def load_tokenizer(folder):
         return tiktoken.Encoding(name=meta["name"], pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
                                  mergeable_ranks=read_tiktoken_ranks(path("tokenizer.model")))
     if os.path.exists(path("tokenizer.bin")):  # llama2.c
-        return Llama2cTokenizer(path("tokenizer.bin"))
+        return read_llama2c_tokenizer(path("tokenizer.bin"))
     bos = bos_of(folder)
     enc = None
     for model_file in (path("tokenizer.model"), path("original", "tokenizer.model")):
         if os.path.exists(model_file) and enc is None:
             with open(model_file, "rb") as f:
                 head = f.read(64)
-            if b" " in head.split(b"\n")[0]:  # tiktoken's text format; sentencepiece's is binary protobuf
+            if b" " in head.split(b"\n")[0]:  # tiktoken's text format
                 enc = llama3_encoding(model_file, folder)
+            else:  # sentencepiece's protobuf (Llama 2, Vicuna): BOS first unless the tokenizer's config says not
+                return read_sentencepiece_model(model_file, add_bos=bos is not None or not has_bos_setting(folder))
     if enc is None and os.path.exists(path("vocab.json")) and os.path.exists(path("merges.txt")):
         enc = gpt2_encoding(folder, "vocab.json", "merges.txt")
     if enc is None and os.path.exists(path("encoder.json")) and os.path.exists(path("vocab.bpe")):

@@ -9,7 +9,7 @@ import torch
 from checkpoints import from_pretrained
 from conftest import tiny_llama
 from test_checkpoints import halves_to_meta
-from tokenizer import Llama2cTokenizer
+from tokenizer import read_llama2c_tokenizer
 
 
 def write_llama2c_bin(path, ref, version, shared):
@@ -88,7 +88,7 @@ def write_llama2c_tokenizer(path):
 @pytest.fixture
 def llama2c_tokenizer(tmp_path):
     write_llama2c_tokenizer(tmp_path / "tokenizer.bin")
-    return Llama2cTokenizer(str(tmp_path / "tokenizer.bin"))
+    return read_llama2c_tokenizer(str(tmp_path / "tokenizer.bin"))
 
 
 def test_tokenizer_bin_encodes_as_llama2c(llama2c_tokenizer):

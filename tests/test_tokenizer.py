@@ -142,6 +142,8 @@ def make_tokenizer(kind, folder):
         (folder / "tokenizer.json").write_text(json.dumps({"post_processor": template}))
     elif kind == "sentencepiece":
         write_sentencepiece_folder(folder)
+    elif kind == "sentencepiece-model":
+        train_sentencepiece_model(folder)
     elif kind == "llama2c":
         from test_llama2c import write_llama2c_tokenizer
         write_llama2c_tokenizer(folder / "tokenizer.bin")
@@ -150,7 +152,7 @@ def make_tokenizer(kind, folder):
     return load_tokenizer(str(folder))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama3", "sentencepiece", "llama2c", "ours"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama3", "sentencepiece", "sentencepiece-model", "llama2c", "ours"])
 def test_prompt_text_plus_response_text_is_the_text_of_prompt_plus_response_tokens(kind, tmp_path):
     from generate import SamplingConfig, sample
     from model import GPT, GPTConfig
@@ -166,7 +168,8 @@ def test_prompt_text_plus_response_text_is_the_text_of_prompt_plus_response_toke
 
 
 def test_bos_comes_first_where_the_checkpoint_says_so(tmp_path):
-    for kind, bos in [("sentencepiece", "<s>"), ("llama3", "<|begin_of_text|>"), ("llama2c", "<s>")]:
+    for kind, bos in [("sentencepiece", "<s>"), ("sentencepiece-model", "<s>"), ("llama3", "<|begin_of_text|>"),
+                      ("llama2c", "<s>")]:
         (tmp_path / kind).mkdir()
         enc = make_tokenizer(kind, tmp_path / kind)
         assert enc.encode("hello")[0] == enc.encode_single_token(bos), kind
@@ -185,3 +188,27 @@ def test_special_tokens_typed_in_text_follow_tiktokens_rule(tmp_path):
         enc.encode("hello <s>")
     assert enc.encode("hello</s>", allowed_special="all")[-1] == 2  # parsed as the special
     assert 2 not in enc.encode("hello</s>", disallowed_special=())  # kept as text
+
+
+def train_sentencepiece_model(folder):
+    """A sentencepiece BPE model trained here the way Llama 2's and llama2.c's were: byte fallback, identity
+    normalization, spaces kept, a dummy prefix."""
+    import sentencepiece as spm
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS[:-1] * 3 + ["the quick brown fox jumps over the lazy dog"] * 30))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+                                   vocab_size=420, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=0.9995,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, split_digits=True, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+
+
+def test_sentencepiece_model_file_encodes_as_sentencepiece(tmp_path):
+    ref = train_sentencepiece_model(tmp_path)
+    enc = load_tokenizer(str(tmp_path))
+    texts = TEXTS + ["ünïcödé and 日本 never seen in training", "the lazy dog, the quick fox", "a  b   c"]
+    for text in texts:
+        ids = enc.encode(text, disallowed_special=())
+        assert ids == [1] + ref.encode(text), text
+        assert enc.decode(ids) == text
+    assert enc.encode_single_token("</s>") == 2 and enc.n_vocab == ref.get_piece_size()

@@ -105,12 +105,16 @@ class Controller:
                     active &= v.detach() < self.target  # reached the target: this row stops for good
                     if not active.any():
                         break
+                # >>> exercise E7: grad (B, C), the gradient with respect to u of E4's objective summed over rows
                 objective = v.sum() - self.l2 * (u ** 2).sum()  # E4's trade-off, per row
                 (grad,) = torch.autograd.grad(objective, u)
+                # <<< exercise E7
                 if self.target is not None:  # rows that reached the target take no step
                     grad = grad * active[:, None]
                     self.steps_taken += active.sum()  # a tensor: no device sync in the loop
-                u = (u + self.step_size * grad).detach()  # E7: one step of gradient ascent
+                # >>> exercise E7: one step of gradient ascent on u, detached so that the next step builds a new graph
+                u = (u + self.step_size * grad).detach()
+                # <<< exercise E7
                 if limit is not None:  # projection onto the ball ||u|| <= radius * ||o||
                     u = u * (limit / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
         return u

@@ -194,8 +194,10 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
     steps = 0
     for t in range(n_new):
         # E2 without a control: logits W o_t. E3 with one: W (o_t + u_t), the edit computed from o_t alone.
+        # >>> exercise E3: base_logits = W o_t (when there is no edit, or the KL is recorded), logits = W edit(o_t)
         base_logits = model.head(o) if edit is None or record_kl else None  # the base model's, for the KL
         logits = model.head(edit(o)) if edit is not None else base_logits  # (B, vocab)
+        # <<< exercise E3
         if rescore is not None:  # reward-guided decoding re-scores candidate tokens (baselines.py)
             logits = rescore(logits, out[:, :t], cache)
         if record_kl and logits is not base_logits:  # sampling from the base model itself: KL stays 0
@@ -219,7 +221,9 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
         if bool(done.all()) or (t == n_new - 1 and not record_states):
             break  # the last state o_T is only needed when the states are recorded
         # E1: the token, not the edit, enters the memory: (h_{t+1}, o_{t+1}) = f_LM(h_t, y_{t+1})
+        # >>> exercise E3: the next state o_{t+1} (B, C): the model reads the token y through the cache
         o = model.states(y[:, None], cache)[:, -1]  # (B, C)
+        # <<< exercise E3
         trajectory.append(o)
 
     tokens = [out[i, :length[i]].tolist() for i in range(B)]

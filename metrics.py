@@ -32,6 +32,7 @@ def mean_and_spread(values):
 def diversity(responses):
     """E8: mean over responses (lists of token ids) of prod_{n=2..4} (1 - rep_n); n-grams a response is too
     short to have do not count against it."""
+    # >>> exercise E8: for each response, the product over n = 2, 3, 4 of unique n-grams / n-grams; then their mean
     scores = []
     for tokens in responses:
         score = 1.0
@@ -41,6 +42,7 @@ def diversity(responses):
                 score *= len(set(grams)) / len(grams)
         scores.append(score)
     return statistics.fmean(scores) if scores else float("nan")
+    # <<< exercise E8
 
 
 @torch.no_grad()

@@ -224,10 +224,12 @@ class KVCache:
 
     def write(self, layer, k, v):
         """Store this step's keys and values (B, nkv, T, hs) of one layer after those already cached."""
+        # >>> exercise E1: write k, v into the slots after the `length` filled ones; return every key and value so far
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, end, hs) each
+        # <<< exercise E1
 
     def rewind(self, n):
         """Forget the last n positions: a look-ahead leaves no trace (their slots are written again later)."""
@@ -320,7 +322,9 @@ class GPT(nn.Module):
 
     def head(self, o):
         """E2: logits W o (or, for a reward model, the scores of its classification head)."""
+        # >>> exercise E2: the head reads the state: self.lm_head (or self.score when config.n_labels > 0)
         return self.lm_head(o) if not self.config.n_labels else self.score(o)
+        # <<< exercise E2
 
     def forward(self, idx, attention_mask=None):
         return self.head(self.states(idx, attention_mask=attention_mask))  # (B, T, vocab)

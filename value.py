@@ -64,6 +64,7 @@ def lambda_returns(values, mask, rewards, lam=1.0, gamma=1.0, stop_gradient=True
     stop_gradient=False lets the gradient flow into the targets too, as both official codes do (to measure it).
     """
     B, L = values.shape
+    # >>> exercise E6: walk back from each response's last real state (last_index): G_T = R, then G_t from G_{t+1}
     last = last_index(mask)  # (B,)
     bootstrap = values.detach() if stop_gradient else values  # sg[V]
     rewards = rewards.float()
@@ -75,6 +76,7 @@ def lambda_returns(values, mask, rewards, lam=1.0, gamma=1.0, stop_gradient=True
         G = torch.where(t == last, rewards, G)  # G_T = R; states past the end are masked out by the loss
         targets[t] = G
     return torch.stack(targets, dim=1)  # (B, L)
+    # <<< exercise E6
 
 
 def bellman_loss(value, states, mask, rewards, method="td", lam=1.0, gamma=1.0, stop_gradient=True):
@@ -89,9 +91,11 @@ def bellman_loss(value, states, mask, rewards, method="td", lam=1.0, gamma=1.0, 
         return official_loss(values, mask, rewards)
     if method != "td":
         raise ValueError(f"method must be 'td' or 'official', got {method!r}")
+    # >>> exercise E6: the mean over real states (mask) of (V(o_t) - G_t)^2, G_t from lambda_returns
     targets = lambda_returns(values, mask, rewards, lam, gamma, stop_gradient)
     mask = mask.float()
     return (((values - targets) ** 2) * mask).sum() / mask.sum()
+    # <<< exercise E6
 
 
 def official_loss(values, mask, rewards):

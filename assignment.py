@@ -30,7 +30,8 @@ EXERCISES = {  # id: (title, where, what the tests check, minutes of work)
            "recorded states equal a plain forward pass over the generated tokens; an identity edit changes nothing; "
            "a snapshot of the tokens of a fixed edit", 20),
     "E6": ("The Bellman targets and loss: TD(lambda) with a stop-gradient", "value.py, lambda_returns and bellman_loss",
-           "lambda-returns by hand for lambda = 0, 0.5, 1; the targets carry no gradient; snapshots", 40),
+           "lambda-returns by hand for lambda = 0, 0.5, 1; the targets carry no gradient; training on gambler's ruin "
+           "recovers its true values; snapshots", 40),
     "E7": ("The control: gradient ascent on V", "control.py, Controller.control (two blocks)",
            "n = 0 is the base model; one step is alpha times V's gradient by central differences; a snapshot", 25),
     "E8": ("Diversity", "metrics.py, diversity", "hand-computed n-gram diversities", 10),

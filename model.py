@@ -1,11 +1,11 @@
 """
 The language model as a dynamical system (docs/method.md, E1-E2): the network, and nothing else.
 
-One GPT class covers GPT-2 and Llama (2, 3, 3.1, 3.2) through its config. The state of the system is
+One GPT class covers GPT-2, Llama (2, 3, 3.1, 3.2) and Falcon through its config. The state of the system is
 explicit: `states()` returns o_t, the last-layer representation after the final norm, while it reads and
 extends a KV cache (the memory h_t); `head()` maps o to logits. RE-Control edits o between the two (E3).
 
-Elsewhere: reading and writing weights (checkpoints.py), tokenizers (tokenizer.py), the sampling loop
+Elsewhere: reading and writing weights (formats.py, checkpoints.py), tokenizers (tokenizer.py), the sampling loop
 (generate.py).
 """
 

@@ -46,6 +46,35 @@ class ValueFunction(nn.Module):
     def forward(self, o):
         return self.net(o.float()).squeeze(-1)
 
+    def value_and_gradient(self, o):
+        """(V(o) (B,), dV/do (B, d)) for states o (B, d), by the chain rule written out: no autograd graph, which
+        the control (E7) would otherwise build anew at every ascent step of every token."""
+        x, pre = o.float(), []
+        for layer in self.net:  # forward, keeping each activation's input
+            if isinstance(layer, nn.Linear):
+                x = layer(x)
+            else:
+                pre.append(x)
+                x = layer(x)
+        linears = [layer for layer in self.net if isinstance(layer, nn.Linear)]
+        grad = linears[-1].weight.expand(x.shape[0], -1)  # dV/d(last hidden) (B, width)
+        for z, linear in zip(reversed(pre), reversed(linears[:-1])):  # back through each activation and Linear
+            grad = (grad * activation_derivative(self.config.activation, z)) @ linear.weight
+        return x.squeeze(-1), grad
+
+
+def activation_derivative(name, z):
+    """d act(z) / dz, elementwise, for the activations V may use."""
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "tanh":
+        return 1 - torch.tanh(z) ** 2
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    cdf = 0.5 * (1 + torch.erf(z / 2 ** 0.5))  # gelu (exact): Phi(z) + z phi(z)
+    return cdf + z * torch.exp(-0.5 * z ** 2) / (2 * torch.pi) ** 0.5
+
 
 def last_index(mask):
     """Index of each response's last real state, (B,). Not mask.argmax(): that finds the *first* real one."""

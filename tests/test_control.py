@@ -98,7 +98,7 @@ def test_only_the_newest_position_is_edited_and_the_cache_never_sees_u(model, va
 def test_control_runs_in_fp32_for_a_bf16_model(model, value):
     o = torch.randn(2, 32).to(torch.bfloat16)
     seen = []
-    value.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    value.net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))  # what V's first layer reads
     out = Controller(value, 0.5, 3)(o)
     assert out.dtype == torch.bfloat16 and set(seen) == {torch.float32}
 
@@ -164,3 +164,17 @@ def test_control_settings_come_from_the_flags_then_the_checkpoint_then_the_paper
         ControlConfig.chosen(stored, target="high")
     assert ControlConfig(step_size=3.2, n_steps=20).with_total(64) == ControlConfig(step_size=3.2, n_steps=20)
     assert ControlConfig(n_steps=0).with_total(8) == ControlConfig(step_size=8.0, n_steps=1)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "silu", "gelu"])
+def test_closed_form_gradient_of_v_equals_autograd(activation):
+    torch.manual_seed(0)
+    value = ValueFunction(ValueConfig(n_embd=32, width=24, activation=activation)).requires_grad_(False)
+    o = torch.randn(6, 32)
+    x = o.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(value(x).sum(), x)
+    v, gradient = value.value_and_gradient(o)
+    assert torch.equal(v, value(o)) and (gradient - expected).abs().max() <= 1e-5
+    fast = Controller(value, 0.3, 10, l2=0.1)
+    slow = Controller(lambda z: value(z), 0.3, 10, l2=0.1)  # a plain callable: the autograd path
+    assert (fast.control(o) - slow.control(o)).abs().max() <= 1e-5

@@ -1,7 +1,7 @@
 """
 What RE-Control costs: sampling alone, sampling that records o_0 ... o_T for value training, and controlled
-sampling (E7) for a few numbers of gradient steps n; on the toy world's base model, or on random weights of the
-shape of any preset of model.py (GPT-2 small, Llama ...).
+sampling (E7) for a few numbers of gradient steps n, with V's gradient in closed form (the default) and by autograd;
+on the toy world's base model, or on random weights of the shape of any preset of model.py (GPT-2 small, Llama ...).
 
     python benchmarks/bench_recontrol.py                                      # the toy base model (made if missing)
     python benchmarks/bench_recontrol.py --preset gpt2 --batch-size 1 --prompt-tokens 32 --new-tokens 64
@@ -25,6 +25,7 @@ from value import ValueConfig, ValueFunction  # noqa: E402
 def main(argv=None):
     parser = benchmark_parser(__doc__, new_tokens=32)
     parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 10, 20, 30], help="values of n to time")
     parser.add_argument("--preset", default=None, choices=list(PRESETS),
                         help="random weights of this shape instead of the toy base model")
     args = parser.parse_args(argv)
@@ -52,9 +53,12 @@ def main(argv=None):
     print(f"{'sampling':>28}: {plain:8.0f} tokens/s")
     recorded = timed(record_states=True)
     print(f"{'recording o_0..o_T':>28}: {recorded:8.0f} tokens/s  ({plain / recorded - 1:+.1%} time)")
-    for n in (1, 10, 20, 30):
+    for n in args.steps:
         controlled = timed(edit=Controller(value, 0.1, n))
-        print(f"{f'RE-Control, n = {n}':>28}: {controlled:8.0f} tokens/s  ({plain / controlled:.1f}x the time)")
+        print(f"{f'RE-Control, n = {n}':>28}: {controlled:8.0f} tokens/s  ({plain / controlled:.2f}x the time)")
+    by_autograd = timed(edit=Controller(lambda o: value(o), 0.1, args.steps[-1]))  # a plain callable: autograd
+    print(f"{f'n = {args.steps[-1]}, autograd gradient':>28}: {by_autograd:8.0f} tokens/s  "
+          f"({plain / by_autograd:.2f}x the time)")
 
 
 if __name__ == "__main__":

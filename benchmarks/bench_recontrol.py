@@ -19,13 +19,16 @@ import toyworld  # noqa: E402
 from model import GPT, GPTConfig, PRESETS  # noqa: E402
 from generate import SamplingConfig, sample  # noqa: E402
 from control import Controller  # noqa: E402
-from value import ValueConfig, ValueFunction  # noqa: E402
+from value import ValueConfig, ValueFunction, load_value  # noqa: E402
 
 
 def main(argv=None):
     parser = benchmark_parser(__doc__, new_tokens=32)
     parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 10, 20, 30], help="values of n to time")
+    parser.add_argument("--value", default=None, help="a value checkpoint for the model (default: a random V)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="also time the control that stops each row once V reaches this value")
     parser.add_argument("--preset", default=None, choices=list(PRESETS),
                         help="random weights of this shape instead of the toy base model")
     args = parser.parse_args(argv)
@@ -38,7 +41,10 @@ def main(argv=None):
         model, enc = toyworld.base_model()
         prompts = [enc.encode(p) for p in toyworld.World().test_prompts()]
         prompts = (prompts * (args.batch_size // len(prompts) + 1))[:args.batch_size]
-    value = ValueFunction(ValueConfig(n_embd=model.config.n_embd)).requires_grad_(False)
+    if args.value:
+        value, _ = load_value(args.value, model)
+    else:
+        value = ValueFunction(ValueConfig(n_embd=model.config.n_embd)).requires_grad_(False)
 
     eos_ids = [] if args.preset else None  # random weights: every response runs its full length
 
@@ -59,6 +65,14 @@ def main(argv=None):
     by_autograd = timed(edit=Controller(lambda o: value(o), 0.1, args.steps[-1]))  # a plain callable: autograd
     print(f"{f'n = {args.steps[-1]}, autograd gradient':>28}: {by_autograd:8.0f} tokens/s  "
           f"({plain / by_autograd:.2f}x the time)")
+    if args.target is not None:  # a row stops climbing once V reaches the target
+        n = args.steps[-1]
+        with_target = timed(edit=Controller(value, 0.1, n, target=args.target))
+        counted, rows = Controller(value, 0.1, n, target=args.target), []  # rows: how many states each step edits
+        sample(model, prompts, SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids), tokenizer=enc, seed=0,
+               edit=lambda o: rows.append(o.shape[0]) or counted(o))
+        print(f"{f'n = {n}, target V {args.target:g}':>28}: {with_target:8.0f} tokens/s  ({plain / with_target:.2f}x "
+              f"the time), {int(counted.steps_taken) / sum(rows):.1f} ascent steps per token on average")
 
 
 if __name__ == "__main__":

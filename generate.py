@@ -122,13 +122,15 @@ def token_text(tokenizer, i):
 
 
 def stop_finishers(tokenizer, stop_strings, vocab_size, device):
-    """The ids of the tokens that can complete a stop string: those whose text holds the last character of one, or
-    that are not whole characters alone (bytes of a longer one). Only a row that draws one of them is read."""
+    """The ids of the tokens that can complete a stop string: those whose text holds the last character of one, and
+    those that are a byte of a longer character ("\ufffd" alone). Every token, when a stop string ends in white
+    space: a decoder may drop a token's leading space when it reads the token alone (sentencepiece's "▁he").
+    Only a row that draws one of them is read."""
     cache = FINISHERS.setdefault(tokenizer, {})
     if (stop_strings, vocab_size) not in cache:
         ends = {s[-1] for s in stop_strings} | {"\ufffd"}
-        cache[stop_strings, vocab_size] = [i for i in range(vocab_size)
-                                           if any(c in token_text(tokenizer, i) for c in ends)]
+        cache[stop_strings, vocab_size] = [i for i in range(vocab_size) if any(c.isspace() for c in ends)
+                                           or any(c in token_text(tokenizer, i) for c in ends)]
     return torch.tensor(cache[stop_strings, vocab_size] or [-1], device=device)
 
 
@@ -189,7 +191,8 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
     done = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose response has ended
     trajectory = [o]  # o_0, o_1, ... (kept for record_states)
     if config.stop:
-        window = max(map(len, config.stop)) + 1  # tokens that hold any stop string (a token is >= 1 character)
+        # tokens enough to hold any stop string: each token is at least one byte, and the window may start mid-character
+        window = max(len(s.encode("utf-8")) for s in config.stop) + 4
         finishers = stop_finishers(tokenizer, config.stop, model.config.vocab_size, device)
     steps = 0
     for t in range(n_new):

@@ -26,7 +26,8 @@ class ValueConfig:
         require((self.activation in ACTIVATIONS,
                  f"--activation {self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}"),
                 (is_whole(self.n_hidden, 0), f"--hidden-layers must be a whole number >= 0, got {self.n_hidden}"),
-                (is_whole(self.width, 0), f"--width must be a whole number >= 0 (0: the model's width), got {self.width}"))
+                (is_whole(self.width, 0),
+                 f"--width must be a whole number >= 0 (0: the model's width), got {self.width}"))
         self.width = self.width or self.n_embd
 
 
@@ -47,8 +48,8 @@ class ValueFunction(nn.Module):
         return self.net(o.float()).squeeze(-1)
 
     def value_and_gradient(self, o):
-        """(V(o) (B,), dV/do (B, d)) for states o (B, d), by the chain rule written out: no autograd graph, which
-        the control (E7) would otherwise build anew at every ascent step of every token."""
+        """(V(o) (B,), dV/do (B, d)) for states o (B, d): the gradient that E7's ascent follows, by the chain rule
+        written out, with no autograd graph (which the control would otherwise build at every step of every token)."""
         x, pre = o.float(), []
         for layer in self.net:  # forward, keeping each activation's input
             if isinstance(layer, nn.Linear):

@@ -192,7 +192,7 @@ def test_help_shows_the_defaults(capsys):
     assert code == 0 and "(default: 100)" in printed and "(default: out/toyworld/value.pt)" in printed
 
 
-def test_every_script_runs_with_no_sampling_flags_on_a_toy_model(capsys):
+def test_generate_runs_with_no_sampling_flags_on_a_toy_model(capsys):
     # the response length comes from the model's context (here 48 - 5 prompt tokens), not a fixed 128
     code, printed = run(generate, ["--model", os.path.join(FIXTURES, "base")], capsys)
     assert code == 0 and "| base |" in printed

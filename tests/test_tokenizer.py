@@ -212,3 +212,22 @@ def test_sentencepiece_model_file_encodes_as_sentencepiece(tmp_path):
         assert ids == [1] + ref.encode(text), text
         assert enc.decode(ids) == text
     assert enc.encode_single_token("</s>") == 2 and enc.n_vocab == ref.get_piece_size()
+
+
+@pytest.mark.parametrize("kind, stops", [("sentencepiece", ("o ", "ld")), ("gpt2", ("e ", "th")),
+                                         ("llama2c", ("l", "o w"))])
+def test_stop_strings_cut_where_reading_the_whole_text_at_every_step_would(kind, stops, tmp_path):
+    # only rows whose new token can complete a stop string are read, and only their newest tokens: the cuts must
+    # be those of reading each whole response at every step (cut_at_stop on the uncut response)
+    from generate import SamplingConfig, cut_at_stop, sample
+    from model import GPT, GPTConfig
+    enc = make_tokenizer(kind, tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = [enc.encode("hello world")] * 16
+    uncut = sample(model, prompts, SamplingConfig(max_new_tokens=24, eos_ids=[]), tokenizer=enc, seed=1)
+    cut = sample(model, prompts, SamplingConfig(max_new_tokens=24, eos_ids=[], stop=stops), tokenizer=enc, seed=1)
+    expected = [cut_at_stop(t, enc, stops) for t in uncut.tokens]
+    assert sum(n is not None for n in expected) >= 4  # the stop strings do occur
+    for tokens, n, got in zip(uncut.tokens, expected, cut.tokens):
+        assert got == (tokens if n is None else tokens[:n])

@@ -13,9 +13,8 @@ import json
 import os
 import time
 
-import torch
-
 import metrics
+import parallel
 import train_value
 from baselines import NextStateValueGuide, PrefixRewardGuide, SteeringEdit, steering_vector
 from cli import add_control_arguments, checked, is_finite, is_whole, require, run_cli, script_parser
@@ -42,13 +41,11 @@ def write_outputs(summaries, out_dir, note):
         writer.writerows({k: s[k] for k in TABLE} for s in summaries)
 
 
-def value_along_tokens(value, rows, length):
-    """Mean V(o_t) at each step t over the responses that reach it."""
-    with torch.no_grad():
-        values = [value(r["states"]) for r in rows]  # (T+1,) per response
+def value_along_tokens(rows, length):
+    """Mean V(o_t) at each step t over the responses that reach it (rows of sample_responses with a value)."""
     means = []
     for t in range(length):
-        reached = [v[t].item() for v in values if v.shape[0] > t]
+        reached = [r["values"][t] for r in rows if len(r["values"]) > t]
         if not reached:
             break
         means.append(sum(reached) / len(reached))
@@ -147,6 +144,7 @@ def main(argv=None):
         return SamplingConfig.from_args(args)
 
     sampling = checked(parser, settings)
+    args.device = parallel.start(args.device)  # under torchrun: join the other processes
     grammar = grammar_check(args.reward)  # the toy world's exact fluency measure, None for other rewards
     t_start = time.time()
     reward_fn = load_reward(args.reward, device=args.device)
@@ -170,22 +168,22 @@ def main(argv=None):
     rollouts = Rollouts(rollouts_folder)
 
     vector = steering_vector(rollouts, range(rollouts.settings["n_prompts"]))
-    methods = [Method("base"), Method("prompting", instruction=instruction),
+    methods = [Method("base", value=value), Method("prompting", instruction=instruction),
                Method("static editing", edit=SteeringEdit(vector, args.steering_scale)),
                Method(f"best-of-{args.best_of}", best_of=args.best_of),
                Method("ARGS (prefix R)",
                       guide=lambda p, r: PrefixRewardGuide(r, enc, p, args.guide_k, args.guide_weight)),
                Method("CD (V next state)", guide=lambda p, r: NextStateValueGuide(model, value, args.guide_k,
                                                                                    args.value_guide_weight)),
-               Method("RE-Control", edit=Controller.from_config(value, control))]
+               Method("RE-Control", edit=Controller.from_config(value, control), value=value)]
     summaries, along = [], {}
     for method in methods:
-        record = method.name in ("base", "RE-Control")
-        runs = [sample_responses(method, model, enc, prompts, reward_fn, sampling, seed, record_states=record)
-                for seed in args.seeds]
+        runs = [sample_responses(method, model, enc, prompts, reward_fn, sampling, seed) for seed in args.seeds]
+        if not parallel.is_main():  # under torchrun, rank 0 alone summarizes and writes
+            continue
         summaries.append(metrics.summarize_runs(method.name, runs, model, enc, grammar))
-        if record:
-            along[method.name] = value_along_tokens(value, runs[0][0], sampling.max_new_tokens + 1)
+        if method.value is not None:
+            along[method.name] = value_along_tokens(runs[0][0], sampling.max_new_tokens + 1)
         print(f"{method.name:>18}: reward {summaries[-1]['reward']:+.3f} ({time.time() - t_start:.0f}s)", flush=True)
 
     sweep = []
@@ -197,7 +195,10 @@ def main(argv=None):
             controller = Controller(value, alpha, control.n_steps, radius=radius, target=control.target)
             runs = [sample_responses(Method("sweep", edit=controller), model, enc, prompts, reward_fn, sampling,
                                      args.seeds[0])]
-            sweep.append(dict(metrics.summarize_runs("sweep", runs, model, enc, grammar), alpha=alpha, bound=bound))
+            if parallel.is_main():
+                sweep.append(dict(metrics.summarize_runs("sweep", runs, model, enc, grammar), alpha=alpha, bound=bound))
+    if not parallel.is_main():
+        return []
     print(f"sweep of {len(sweep)} settings done ({time.time() - t_start:.0f}s)")
 
     note = (f"{len(prompts)} held-out prompts x {sampling.samples_per_prompt} samples x {len(args.seeds)} seeds; "

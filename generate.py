@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import metrics
+import parallel
 from baselines import CountingReward
 from checkpoints import check_overwrite, write_text_atomically
 from cli import (SAMPLING_FLAGS, add_control_arguments, check_not_an_input, checked, config_from_args, is_finite,
@@ -84,8 +85,13 @@ class Generation:
 # one step: logits -> next token
 
 
-def next_token(logits, temperature, top_k, top_p, generator):
-    """E2: y ~ softmax(logits / tau), optionally truncated to the top-k tokens or the top-p nucleus."""
+def next_token(logits, temperature, top_k, top_p, uniform):
+    """E2: y ~ softmax(logits / tau), optionally truncated to the top-k tokens or the top-p nucleus.
+
+    uniform (B,) holds one number in (0, 1] per row, from the row's own stream (row_uniforms): the token drawn is the
+    first whose cumulative probability reaches it (inverse-CDF sampling), so a row's draw depends on its own logits
+    and its own seed, never on the other rows of the batch.
+    """
     logits = logits.float()  # (B, vocab)
     if temperature == 0:  # greedy: the most likely token
         return logits.argmax(-1)
@@ -98,8 +104,28 @@ def next_token(logits, temperature, top_k, top_p, generator):
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)  # ruled-out tokens (-inf) get probability 0
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # ruled-out tokens (-inf) get probability 0; the sums in float64, so that one never gets a step of its own
+    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, vocab)
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise ValueError("the next-token probabilities are not finite (NaN or inf logits: a diverged edit or model)")
+    threshold = uniform * cdf[:, -1]  # in (0, total]: the first token whose sum reaches it
+    return torch.searchsorted(cdf, threshold[:, None]).squeeze(-1)
+
+
+def row_seeds(seed, first_job, n):
+    """The seeds of n rows that run jobs first_job, first_job + 1, ... (a job: one response to one prompt, numbered
+    in prompt order): a function of the sampling seed and the job alone, so a response is the same whichever rows
+    share its batch, whichever process draws it, wherever a resumed run restarts. 32 bits, as torch's CPU generator
+    reads no more: the jobs of one seed get distinct seeds, and the sampling seeds 0, 1, 2 ... start 2^32 / phi
+    (the golden ratio) apart."""
+    return [(seed * 0x9E3779B9 + job) % 2**32 for job in range(first_job, first_job + n)]
+
+
+def row_uniforms(seeds, n, device):
+    """(B, n) numbers in (0, 1], row i from a generator of its own seeded with seeds[i] (on the CPU, so that a GPU
+    draws the same numbers as a CPU)."""
+    streams = [torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return (1 - torch.stack(streams)).to(device)
 
 
 def kl_divergence(logits, base_logits, temperature):
@@ -156,6 +182,7 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
            record_kl=False):
     """Sample one response for each prompt (a list of token ids), all in one batch, with a preallocated KV cache.
 
+    seed: one seed per row (row_seeds), or an int for row_seeds(seed, 0, B), or None for a random one.
     config: a SamplingConfig. edit, when given, maps the newest state o_t (B, C) to o_t + u_t before the head (E3);
     the cache never sees it. rescore(logits, tokens, cache), when given, rewrites the logits (B, vocab) of each step
     from the response tokens so far (B, t) and the cache (reward-guided decoding). record_states keeps o_0 ... o_T
@@ -172,9 +199,12 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
     if eos_ids is None:  # the checkpoint's own, else the end-of-sequence specials the tokenizer knows
         eos_ids = model.config.eos_token_ids or (end_of_sequence_ids(tokenizer) if tokenizer is not None else [])
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
+    if seed is None:
+        seed = int(torch.randint(2**31, ()))  # from torch's global generator
+    seeds = row_seeds(seed, 0, len(prompts)) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt, or one int")
+    uniforms = row_uniforms(seeds, n_new, device)  # (B, n_new): each row's random numbers, whatever its batch
 
     # E1, the prefill: one forward pass over the prompts fills the cache (h_0) and gives o_0 at each last token
     idx, attention_mask = left_pad(prompts, device)  # (B, P), padded on the left so every row ends together
@@ -206,7 +236,7 @@ def sample(model, prompts, config, tokenizer=None, seed=None, edit=None, rescore
         if record_kl and logits is not base_logits:  # sampling from the base model itself: KL stays 0
             kl[:, t] = kl_divergence(logits, base_logits, config.temperature)
         # E2: draw y_{t+1} from the (edited) distribution
-        y = next_token(logits, config.temperature, config.top_k, config.top_p, generator)  # (B,)
+        y = next_token(logits, config.temperature, config.top_k, config.top_p, uniforms[:, t])  # (B,)
         out[:, t] = y
         steps = t + 1
         # a row ends at its first end-of-sequence token, which is not part of the response...
@@ -255,58 +285,64 @@ class Method:
     guide: object = None  # (prompts, counting reward) -> a rescore hook (reward-guided decoding)
     instruction: str = ""  # prepended to every prompt (prompting)
     best_of: int = 1  # N of best-of-N: the reward keeps the best of N samples
-    value: object = None  # a value function: the responses' states are kept and V of the first and last recorded
+    value: object = None  # a value function: V(o_t) is recorded along every response
 
 
-def sample_responses(method, model, enc, prompts, reward_fn, config, seed, record_states=False):
-    """config.samples_per_prompt responses per prompt with `method`, config.batch_size at a time.
+def sample_responses(method, model, enc, prompts, reward_fn, config, seed):
+    """config.samples_per_prompt responses per prompt with `method`, config.batch_size at a time; under torchrun each
+    process samples every N-th batch (parallel.map_batches), and every process gets every row, in prompt order.
 
-    Returns rows (prompt, response, tokens, reward, kl, states) and the method's cost: seconds of sampling,
-    tokens generated (discarded best-of-N samples included) and its own reward calls (not the final scoring).
+    Returns rows (prompt, response, tokens, reward, kl, finished; with the method's value, V(o_t) along the
+    response) and the method's cost: seconds of sampling, tokens generated (discarded best-of-N samples included)
+    and its own reward calls (not the final scoring).
     """
-    counting = CountingReward(reward_fn)
     jobs = [p for p in prompts for _ in range(config.samples_per_prompt)]
-    rows, seconds, n_tokens = [], 0.0, 0
-    for b in range(0, len(jobs), config.batch_size):
-        batch = jobs[b:b + config.batch_size]
+
+    def run(start, end):
+        batch = jobs[start:end]
+        counting = CountingReward(reward_fn)
         expanded = [p for p in batch for _ in range(method.best_of)]
         ids = [enc.encode(method.instruction + p, allowed_special="all") for p in expanded]
         t0 = time.perf_counter()
-        out = sample(model, ids, config, tokenizer=enc, seed=seed * 1_000_003 + b, edit=method.edit,
-                     rescore=method.guide(expanded, counting) if method.guide else None,
-                     record_kl=True, record_states=record_states)
+        out = sample(model, ids, config, tokenizer=enc, seed=row_seeds(seed, start * method.best_of, len(expanded)),
+                     edit=method.edit, rescore=method.guide(expanded, counting) if method.guide else None,
+                     record_kl=True, record_states=method.value is not None)
         chosen = list(range(len(batch)))
         if method.best_of > 1:
             scores = counting(expanded, out.texts).view(len(batch), method.best_of)
             chosen = (torch.arange(len(batch)) * method.best_of + scores.argmax(1)).tolist()
-        seconds += time.perf_counter() - t0
-        n_tokens += sum(len(t) for t in out.tokens)
-        rows += [{"prompt": p, "response": out.texts[i], "tokens": out.tokens[i], "kl": out.kl[i],
-                  "finished": out.finished[i], "states": out.states[i] if record_states else None}
-                 for p, i in zip(batch, chosen)]
-    rewards = reward_fn([r["prompt"] for r in rows], [r["response"] for r in rows])
-    for row, reward in zip(rows, rewards.tolist()):
-        row["reward"] = reward
-    return rows, {"seconds": seconds, "tokens": n_tokens, "reward_calls": counting.calls}
+        cost = {"seconds": time.perf_counter() - t0, "tokens": sum(len(t) for t in out.tokens),
+                "reward_calls": counting.calls}
+        rewards = reward_fn(batch, [out.texts[i] for i in chosen]).tolist()
+        rows = [{"prompt": p, "response": out.texts[i], "tokens": out.tokens[i], "kl": out.kl[i],
+                 "finished": out.finished[i], "reward": reward} for p, i, reward in zip(batch, chosen, rewards)]
+        if method.value is not None:  # V(o_t) along each response, o_0 ... o_T
+            with torch.no_grad():
+                for row, i in zip(rows, chosen):
+                    row["values"] = method.value(out.states[i].float()).tolist()
+        return rows, cost
+
+    batches = parallel.map_batches(len(jobs), config.batch_size, run)
+    return [row for rows, _ in batches for row in rows], {k: sum(cost[k] for _, cost in batches) for k in batches[0][1]}
 
 
 def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, is_grammatical=None):
     """Every method on every prompt for every seed (E8). Returns one summary row per method (metrics.summarize_runs)
     and every response as a record: method, seed, prompt, response, reward, KL, and with the method's value the
-    values of the response's first and last states, with `is_grammatical` the toy grammar's verdict."""
+    values of the response's first and last states, with `is_grammatical` the toy grammar's verdict.
+    Under torchrun the processes share the sampling; rank 0 alone makes the summaries (the other ranks get [])."""
     summaries, records = [], []
     for method in methods:
-        runs = [sample_responses(method, model, enc, prompts, reward_fn, config, seed,
-                                 record_states=method.value is not None) for seed in seeds]
-        summaries.append(metrics.summarize_runs(method.name, runs, model, enc, is_grammatical))
+        runs = [sample_responses(method, model, enc, prompts, reward_fn, config, seed) for seed in seeds]
+        if parallel.is_main():
+            summaries.append(metrics.summarize_runs(method.name, runs, model, enc, is_grammatical))
         for seed, (rows, _) in zip(seeds, runs):
             for row in rows:
                 record = {"method": method.name, "seed": seed, "prompt": row["prompt"], "response": row["response"],
                           "tokens": row["tokens"], "finished": row["finished"], "reward": row["reward"],
                           "kl": row["kl"]}
                 if method.value is not None:  # the value of the first and the last state of the response
-                    with torch.no_grad():
-                        record["value_start"], record["value_end"] = method.value(row["states"][[0, -1]]).tolist()
+                    record["value_start"], record["value_end"] = row["values"][0], row["values"][-1]
                 if is_grammatical is not None:
                     record["grammatical"] = is_grammatical(row["response"])
                 records.append(record)
@@ -371,6 +407,7 @@ def main(argv=None):
         return SamplingConfig.from_args(args)
 
     config = checked(parser, settings)
+    args.device = parallel.start(args.device)  # under torchrun: join the other processes
     reward_fn = load_reward(args.reward, device=args.device)
     prompts = load_prompts(args.prompts, args.chat)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -398,9 +435,10 @@ def main(argv=None):
             methods.append(Method(f"RE-Control{suffix}", Controller.from_config(value, control), value=value))
     summaries, records = evaluate_methods(methods, model, enc, prompts, reward_fn, config, args.seeds,
                                           grammar_check(args.reward))
-    print_report(summaries, records, examples=args.examples if args.sweep is None else 0)
-    if args.out:
-        write_jsonl(args.out, records, made_by)
+    if parallel.is_main():
+        print_report(summaries, records, examples=args.examples if args.sweep is None else 0)
+        if args.out:
+            write_jsonl(args.out, records, made_by)
     return summaries
 
 

@@ -2,8 +2,9 @@
 Rollouts (E1, E6): the base model's own responses to the training prompts, with the states o_0 ... o_T it went
 through and the reward R of each, kept on disk for value training.
 
-Shards of fp16 states are written atomically and a long collection resumes where it stopped (each shard has its own
-seed, so the data do not depend on where it stopped). The folder records what made it (the model and a fingerprint
+Shards of fp16 states are written atomically and a long collection resumes where it stopped (each response has its
+own seed, so the data do not depend on where it stopped). Under torchrun each process collects every N-th shard, and
+the folder holds the same shards as one process would write. The folder records what made it (the model and a fingerprint
 of its weights, the tokenizer, a hash of the prompts, the reward, the sampling settings and the seed): collecting
 into it with anything different is an error unless the caller overwrites it.
 """
@@ -19,7 +20,8 @@ import torch
 
 from checkpoints import differences, write_atomically, write_text_atomically
 from formats import read_json
-from generate import sample
+import parallel
+from generate import row_seeds, sample
 from tasks import prompts_digest
 from value import model_fingerprint
 
@@ -35,11 +37,12 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
     """Sample config.samples_per_prompt responses per prompt with the base model, keep o_0 ... o_T (E1) and R.
 
     Shards of `shard_size` responses are written atomically to `folder`; an interrupted collection with the
-    same settings resumes at the first missing shard (each shard has its own seed, so results do not depend on
-    where it stopped). The folder records what made it (`made_by`: the model, the reward ..., and the sampling
+    same settings resumes at the first missing shard (each response has its own seed, generate.row_seeds, so results
+    do not depend on where it stopped). Under torchrun, process r writes shards r, r + N, ... and all of them wait
+    until every shard is there. The folder records what made it (`made_by`: the model, the reward ..., and the sampling
     settings): collecting into it with anything different is an error, unless `overwrite` deletes its shards.
     """
-    settings = dict(shard_format=2, n_prompts=len(prompts), prompts_head=prompts[:3],  # 2: with tokens and finished
+    settings = dict(shard_format=3, n_prompts=len(prompts), prompts_head=prompts[:3],  # 3: a seed per response
                     samples_per_prompt=config.samples_per_prompt,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                     top_p=config.top_p, stop_strings=list(config.stop), seed=seed, shard_size=shard_size,
@@ -51,8 +54,11 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
     meta_path = os.path.join(folder, "rollouts.json")
     shard_paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
     if os.path.exists(meta_path) and overwrite:
-        for path in shard_paths + [meta_path]:  # our own files only
-            os.remove(path)
+        parallel.barrier()  # every process has read the folder before rank 0 empties it
+        if parallel.is_main():
+            for path in shard_paths + [meta_path]:  # our own files only
+                os.remove(path)
+        parallel.barrier()
         shard_paths = []
     elif os.path.exists(meta_path):
         changed = differences(read_json(meta_path)["settings"], settings)
@@ -65,16 +71,17 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
     jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
     n_shards = math.ceil(len(jobs) / shard_size)
     t0, done = time.time(), 0
-    for s in range(n_shards):
+    for s in parallel.my_share(n_shards):  # shard s: jobs s * shard_size ...
         path = os.path.join(folder, f"shard_{s:05d}.pt")
         if os.path.exists(path):
             continue
-        shard_jobs = jobs[s * shard_size:(s + 1) * shard_size]
+        first_job = s * shard_size
+        shard_jobs = jobs[first_job:first_job + shard_size]
         states, lengths, texts, tokens, finished = [], [], [], [], []
         for b in range(0, len(shard_jobs), config.batch_size):
             batch = [prompts[i] for i, _ in shard_jobs[b:b + config.batch_size]]
             out = sample(model, [enc.encode(p, allowed_special="all") for p in batch], config, tokenizer=enc,
-                         seed=seed * 1_000_003 + s * 1009 + b, record_states=True)
+                         seed=row_seeds(seed, first_job + b, len(batch)), record_states=True)
             states += [x.half().cpu() for x in out.states]
             lengths += [x.shape[0] for x in out.states]
             texts += out.texts
@@ -86,14 +93,15 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
                  "prompt_index": torch.tensor(prompt_index), "texts": texts, "tokens": tokens,
                  "finished": torch.tensor(finished)}
         if not os.path.exists(meta_path):  # written with the first shard: a run that fails before leaves nothing
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)  # (by every process that gets here first: the same text, atomically)
             write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
         write_atomically(path, lambda p: torch.save(shard, p))
         done += len(shard_jobs)
         rate = done / (time.time() - t0)
         left = len(jobs) - (s + 1) * shard_size
         log(f"rollouts: shard {s + 1}/{n_shards}, {rate:.1f} responses/s, mean reward {rewards.mean():+.3f}, "
-            f"ETA {max(left, 0) / rate:.0f}s")
+            f"ETA {max(left, 0) / rate / parallel.world_size():.0f}s")
+    parallel.barrier()  # training reads every process's shards
     return folder
 
 

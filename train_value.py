@@ -25,11 +25,13 @@ import torch
 from checkpoints import check_overwrite, write_text_atomically
 from cli import add_config_arguments, checked, config_from_args, is_finite, is_whole, require, run_cli, script_parser
 from control import Controller
-from generate import SamplingConfig, sample
+import parallel
+from generate import SamplingConfig, row_seeds, sample
 from tasks import (check_prompts_fit, check_task_flags, grammar_check, load_model, load_prompts, load_reward,
                    named_tokens)
 from rollouts import Rollouts, collect_rollouts, rollout_job
-from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, made_by, read_made_by, save_value
+from value import (ValueConfig, ValueFunction, ValueReport, bellman_loss, load_value, made_by, read_made_by,
+                   save_value)
 
 DEFAULT_OUT = "out/toyworld/value.pt"  # the toy world's value, where compare.py looks for it
 
@@ -105,6 +107,11 @@ def evaluate(value, batches, method, lam, gamma, stop_gradient=True):
     return {"held_out_loss": total / weight if weight else float("nan"), **report.summary()}
 
 
+def loss_terms(mask, method):
+    """How many terms the loss of a batch averages: its real states (td), its responses (official)."""
+    return mask.sum().item() if method == "td" else mask.shape[0]
+
+
 def kept_epoch(history):
     """The record of the epoch whose checkpoint was kept (the last one that improved)."""
     return [h for h in history if h["kept"]][-1]
@@ -121,6 +128,8 @@ def train(rollouts, train_ids, held_out_ids, value_config, config, log=print):
     torch.manual_seed(config.seed)
     value = ValueFunction(value_config)
     optimizer = torch.optim.Adam(value.parameters(), lr=config.lr)
+    learner = parallel.data_parallel(value)  # under torchrun: each process takes its part of every batch
+    mine, world = slice(parallel.rank(), None, parallel.world_size()), parallel.world_size()
     loss_settings = (config.method, config.lam, config.gamma, config.stop_gradient)
     best, best_state, history, t0 = float("inf"), None, [], time.time()
     for epoch in range(1, config.epochs + 1):
@@ -129,12 +138,19 @@ def train(rollouts, train_ids, held_out_ids, value_config, config, log=print):
         for states, mask, rewards in rollouts.batches(train_ids, config.batch_size, seed=config.seed * 1000 + epoch):
             if config.state_noise:  # V must also be right a little off the visited states, where E7 will move them
                 scale = config.state_noise * states.norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
-                states = states + scale * torch.randn_like(states)
-            loss = bellman_loss(value, states, mask, rewards, *loss_settings)  # E6
+                states = states + scale * torch.randn_like(states)  # the same noise in every process
+            # E6 on this process's rows of the batch (all of them in one process). Its mean is weighted by its share
+            # of the batch's terms, so that the average of the processes' gradients (DDP) is the whole batch's.
+            share = loss_terms(mask[mine], config.method) / loss_terms(mask, config.method)
+            if share:
+                loss = bellman_loss(learner, states[mine], mask[mine], rewards[mine], *loss_settings) * (share * world)
+            else:  # no row of this (short, last) batch here: the process still joins the average, with zeros
+                loss = learner(states[:1]).sum() * 0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, n = total + loss.item() * len(rewards), n + len(rewards)
+            total, n = total + loss.item() / world * len(rewards), n + len(rewards)
+        total = parallel.total(total)  # the processes' shares add up to the whole batches' losses
         value.eval()
         record = {"epoch": epoch, "train_loss": total / max(n, 1),
                   **evaluate(value, rollouts.batches(held_out_ids, 256), *loss_settings)}
@@ -177,13 +193,14 @@ def calibrate_control(model, enc, prompts, value, reward_fn, sampling, config, t
     job_prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
 
     def measure(edit):
-        texts, kls = [], []
-        for b in range(0, len(jobs), sampling.batch_size):
-            out = sample(model, jobs[b:b + sampling.batch_size], sampling, tokenizer=enc, seed=seed * 1_000_003 + b,
+        def run(start, end):  # one batch; under torchrun each process runs every N-th one
+            out = sample(model, jobs[start:end], sampling, tokenizer=enc, seed=row_seeds(seed, start, end - start),
                          edit=edit, record_kl=True)
-            texts += out.texts
-            kls += out.kl
-        point = {"kl": sum(kls) / len(kls), "reward": reward_fn(job_prompts, texts).float().mean().item()}
+            return out.texts, out.kl, reward_fn(job_prompts[start:end], out.texts).float().tolist()
+
+        batches = parallel.map_batches(len(jobs), sampling.batch_size, run)
+        texts, kls, rewards = ([x for batch in batches for x in batch[k]] for k in range(3))
+        point = {"kl": sum(kls) / len(kls), "reward": sum(rewards) / len(rewards)}
         if is_grammatical is not None:
             point["grammatical"] = sum(map(is_grammatical, texts)) / len(texts)
         return point
@@ -260,8 +277,11 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
             log("even the smallest radius costs more than the KL budget: the control is off by default")
         else:
             log(f"radius {radius:g}, stored with V; generate.py uses it unless given --radius")
-    checkpoint = save_value(out, value.cpu(), model_id, model, reward_name, train_args, metrics=best, control=control)
-    write_text_atomically(history_path(out), json.dumps(history))
+    if parallel.is_main():  # under torchrun, rank 0 writes what every process computed
+        save_value(out, value.cpu(), model_id, model, reward_name, train_args, metrics=best, control=control)
+        write_text_atomically(history_path(out), json.dumps(history))
+    parallel.barrier()  # the checkpoint is on disk before any process reads it
+    _, checkpoint = load_value(out)
     log(f"value checkpoint: {out}")
     return value.to(model.wte.weight.device), checkpoint, history
 
@@ -312,6 +332,7 @@ def main(argv=None):
                 config_from_args(CalibrationConfig, args, CALIBRATION_FLAGS), SamplingConfig.from_args(args))
 
     training, calibration, sampling = checked(parser, settings)
+    args.device = parallel.start(args.device)  # under torchrun: join the other processes
     prompts = load_prompts(args.prompts, args.chat)
     model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
     sampling = replace(sampling, max_new_tokens=check_prompts_fit(model, enc, prompts, sampling.max_new_tokens),

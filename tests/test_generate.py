@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import random_model
-from generate import SamplingConfig, sample
+from generate import SamplingConfig, next_token, row_seeds, row_uniforms, sample
+
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "falcon"])
 def test_batched_with_left_padding_equals_one_by_one(kind, tokens):
@@ -47,11 +48,31 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
 
 
 def test_top_p_keeps_exactly_the_nucleus():
-    from generate import next_token
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    seen = {next_token(logits, 1.0, None, 0.7, g).item() for _ in range(300)}
+    uniforms = 1 - torch.rand(300, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen = {next_token(logits, 1.0, None, 0.7, u).item() for u in uniforms}
     assert seen == {0, 1}  # 0.5 < 0.7 so the second token is needed; 0.8 >= 0.7 so no third
+
+
+def test_inverse_cdf_draws_each_token_as_often_as_its_probability_and_never_a_ruled_out_one():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = probs.log()[None].expand(4000, -1)  # -inf where the probability is 0
+    uniforms = row_uniforms(row_seeds(0, 0, 1), 4000, "cpu")[0]
+    counts = torch.bincount(next_token(logits, 1.0, None, None, uniforms), minlength=6) / 4000
+    assert counts[[0, 2, 5]].sum() == 0 and (counts - probs).abs().max() < 0.03  # sd of a frequency here: <= 0.008
+    extremes = torch.tensor([1.0, 2.0 ** -53], dtype=torch.float64)  # the largest and (nearly) the smallest draws
+    assert next_token(logits[:2], 1.0, None, None, extremes).tolist() == [4, 1]
+
+
+def test_a_response_depends_on_its_own_seed_not_on_its_batch():
+    model = random_model("llama")
+    config = SamplingConfig(max_new_tokens=10, eos_ids=[])
+    prompts, seeds = [[1, 2], [3], [4, 5, 6]], row_seeds(7, 0, 3)
+    together = sample(model, prompts, config, seed=seeds).tokens
+    assert [sample(model, [p], config, seed=[s]).tokens[0] for p, s in zip(prompts, seeds)] == together
+    assert sample(model, prompts[::-1], config, seed=seeds[::-1]).tokens == together[::-1]
+    assert sample(model, prompts, config, seed=7).tokens == together  # an int seed: row_seeds(seed, 0, B)
+    assert sample(model, prompts, config, seed=8).tokens != together
 
 
 def test_prompt_longer_than_context_is_a_clear_error():

@@ -28,7 +28,7 @@ def start(device):
     errors. Returns the device this process computes on."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
-    on_gpu = torch.device(device).type == "cuda"
+    on_gpu = device is not None and torch.device(device).type == "cuda"  # None: the default, cpu
     if on_gpu:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)

@@ -144,24 +144,25 @@ class Rollouts:
                              for shard in (torch.load(p, weights_only=True) for p in self.paths)])
         return torch.quantile(rewards, q).item()
 
-    def batches(self, prompt_ids, batch_size, seed=0):
+    def batches(self, prompt_ids, batch_size, seed=0, device=None):
         rng = random.Random(seed)
         pool = []
         for item in self.trajectories(set(prompt_ids), rng):
             pool.append(item)
             if len(pool) == batch_size:
-                yield pad_batch(pool)
+                yield pad_batch(pool, device)
                 pool = []
         if pool:
-            yield pad_batch(pool)
+            yield pad_batch(pool, device)
 
 
-def pad_batch(items):
-    """Right-pad trajectories of different lengths into (states (B, L, d) fp32, mask (B, L), rewards (B,))."""
+def pad_batch(items, device=None):
+    """Right-pad trajectories of different lengths into (states (B, L, d) fp32, mask (B, L), rewards (B,)), on
+    `device` (default: the CPU)."""
     L = max(s.shape[0] for s, _ in items)
     states = torch.zeros(len(items), L, items[0][0].shape[1])
     mask = torch.zeros(len(items), L, dtype=torch.bool)
     for i, (s, _) in enumerate(items):
         states[i, :s.shape[0]] = s.float()
         mask[i, :s.shape[0]] = True
-    return states, mask, torch.stack([r for _, r in items]).float()
+    return states.to(device), mask.to(device), torch.stack([r for _, r in items]).float().to(device)

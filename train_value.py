@@ -107,9 +107,16 @@ def evaluate(value, batches, method, lam, gamma, stop_gradient=True):
     return {"held_out_loss": total / weight if weight else float("nan"), **report.summary()}
 
 
-def loss_terms(mask, method):
-    """How many terms the loss of a batch averages: its real states (td), its responses (official)."""
-    return mask.sum().item() if method == "td" else mask.shape[0]
+def loss_of_part(value, states, mask, rewards, part, n_parts, method, lam, gamma, stop_gradient):
+    """E6 on the rows `part` of a batch (one process's part under torchrun; all rows in one process), weighted by
+    their share of the batch's terms (its real states for td, its responses for official) times n_parts: the mean of
+    the n_parts processes' losses, and of their gradients (what DDP averages), is the loss of the whole batch."""
+    terms = (lambda m: m.sum().item()) if method == "td" else (lambda m: m.shape[0])
+    share = terms(mask[part]) / terms(mask)
+    if not share:  # no row of this (short, last) batch here: the process still joins the average, with zeros
+        return value(states[:1]).sum() * 0
+    return bellman_loss(value, states[part], mask[part], rewards[part], method, lam, gamma, stop_gradient) * (
+        share * n_parts)
 
 
 def kept_epoch(history):
@@ -117,35 +124,30 @@ def kept_epoch(history):
     return [h for h in history if h["kept"]][-1]
 
 
-def train(rollouts, train_ids, held_out_ids, value_config, config, log=print):
+def train(rollouts, train_ids, held_out_ids, value_config, config, device=None, log=print):
     """Adam on the Bellman loss (E6). After every epoch, V is measured on the held-out responses against the
     realised return at every state (value.ValueReport), and the epoch with the smallest error is kept: the same
     yardstick for every method, since a method's own loss can fall while V stays flat. config: a TrainingConfig.
     Returns V as it was at the kept epoch (frozen, in eval mode) and the measures of every epoch; the kept one is
-    the last marked "kept" (kept_epoch). Nothing is written: build_value saves V once it is complete."""
+    the last marked "kept" (kept_epoch). Nothing is written: build_value saves V once it is complete.
+    V trains on `device` (default: the CPU), in fp32."""
     if not held_out_ids:
         log("no held-out prompts: the last epoch is kept, and no step size can be calibrated")
     torch.manual_seed(config.seed)
-    value = ValueFunction(value_config)
+    value = ValueFunction(value_config).to(device)
     optimizer = torch.optim.Adam(value.parameters(), lr=config.lr)
     learner = parallel.data_parallel(value)  # under torchrun: each process takes its part of every batch
-    mine, world = slice(parallel.rank(), None, parallel.world_size()), parallel.world_size()
+    mine, world = slice(parallel.rank(), None, parallel.world_size()), parallel.world_size()  # rows of a batch
     loss_settings = (config.method, config.lam, config.gamma, config.stop_gradient)
     best, best_state, history, t0 = float("inf"), None, [], time.time()
     for epoch in range(1, config.epochs + 1):
         value.train()
         total, n = 0.0, 0
-        for states, mask, rewards in rollouts.batches(train_ids, config.batch_size, seed=config.seed * 1000 + epoch):
+        for states, mask, rewards in rollouts.batches(train_ids, config.batch_size, config.seed * 1000 + epoch, device):
             if config.state_noise:  # V must also be right a little off the visited states, where E7 will move them
                 scale = config.state_noise * states.norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
                 states = states + scale * torch.randn_like(states)  # the same noise in every process
-            # E6 on this process's rows of the batch (all of them in one process). Its mean is weighted by its share
-            # of the batch's terms, so that the average of the processes' gradients (DDP) is the whole batch's.
-            share = loss_terms(mask[mine], config.method) / loss_terms(mask, config.method)
-            if share:
-                loss = bellman_loss(learner, states[mine], mask[mine], rewards[mine], *loss_settings) * (share * world)
-            else:  # no row of this (short, last) batch here: the process still joins the average, with zeros
-                loss = learner(states[:1]).sum() * 0
+            loss = loss_of_part(learner, states, mask, rewards, mine, world, *loss_settings)  # E6
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,7 +155,7 @@ def train(rollouts, train_ids, held_out_ids, value_config, config, log=print):
         total = parallel.total(total)  # the processes' shares add up to the whole batches' losses
         value.eval()
         record = {"epoch": epoch, "train_loss": total / max(n, 1),
-                  **evaluate(value, rollouts.batches(held_out_ids, 256), *loss_settings)}
+                  **evaluate(value, rollouts.batches(held_out_ids, 256, device=device), *loss_settings)}
         score = record["error"] if held_out_ids else -epoch  # without held-out data: the latest epoch
         record["kept"] = improved = math.isfinite(record["train_loss"]) and score < best
         history.append(record)
@@ -226,19 +228,20 @@ def calibrate_control(model, enc, prompts, value, reward_fn, sampling, config, t
 
 
 def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config, training,
-                calibration, model_id, overwrite=False, log=print):
+                calibration, model_id, overwrite=False, shard_size=512, log=print):
     """Collect rollouts of `model` on `prompts` scored by the reward `reward_name` (into rollouts_folder), train V
     on them (TrainingConfig), calibrate its control on the held-out prompts (CalibrationConfig), and save it all to
     `out` (once, at the end; with the measures of every epoch beside it). sampling: a SamplingConfig with
     max_new_tokens set. An `out` or a rollout folder made by another job is replaced only with `overwrite`.
     Returns (V, the checkpoint dict, the history)."""
-    reward_fn = load_reward(reward_name, device=model.wte.weight.device)
+    device = model.wte.weight.device
+    reward_fn = load_reward(reward_name, device=device)
     job = rollout_job(model, enc, prompts, reward_name, model_id)
     train_args = {**job, "rollouts": rollouts_folder, "sampling": asdict(sampling), "value": asdict(value_config),
                   "training": asdict(training), "calibration": asdict(calibration)}
     check_overwrite(out, made_by(model_id, model, reward_name, train_args), read_made_by, overwrite)
-    collect_rollouts(model, enc, prompts, reward_fn, rollouts_folder, sampling, seed=training.seed, made_by=job,
-                     overwrite=overwrite, log=log)
+    collect_rollouts(model, enc, prompts, reward_fn, rollouts_folder, sampling, seed=training.seed,
+                     shard_size=shard_size, made_by=job, overwrite=overwrite, log=log)
     ids = list(range(len(prompts)))
     random.Random(training.seed).shuffle(ids)
     n_held = round(len(ids) * training.held_out)
@@ -256,7 +259,7 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
     if training.drop_unfinished and ended == 0:
         raise ValueError("every response was cut at --max-new-tokens, so --drop-unfinished leaves nothing to train "
                          "on; raise --max-new-tokens")
-    value, history = train(rollouts, train_ids, held_out_ids, value_config, training, log=log)
+    value, history = train(rollouts, train_ids, held_out_ids, value_config, training, device, log=log)
     best = kept_epoch(history)
     log(f"kept epoch {best['epoch']}: held-out error {best['error']:.4f} against {best['best_constant']:.4f} "
         f"for the best constant, correlation with the return {best['corr']:+.3f}")
@@ -269,7 +272,7 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
             f"{calibration.step_size:g}, n {calibration.n_steps}, target V "
             f"{'none' if target is None else f'{target:+.3f}'}, KL budget {calibration.kl_budget}/token)")
         radius, curve = calibrate_control(
-            model, enc, [prompts[i] for i in held_out_ids], value.to(model.wte.weight.device), reward_fn, sampling,
+            model, enc, [prompts[i] for i in held_out_ids], value, reward_fn, sampling,
             calibration, target=target, is_grammatical=grammar_check(reward_name), seed=training.seed + 1, log=log)
         control = {"step_size": calibration.step_size if radius else 0.0, "n_steps": calibration.n_steps,
                    "radius": radius, "target": target, "kl_budget": calibration.kl_budget, "curve": curve}
@@ -283,7 +286,7 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
     parallel.barrier()  # the checkpoint is on disk before any process reads it
     _, checkpoint = load_value(out)
     log(f"value checkpoint: {out}")
-    return value.to(model.wte.weight.device), checkpoint, history
+    return value.to(device), checkpoint, history
 
 
 TRAINING_HELP = {
@@ -320,11 +323,15 @@ def main(argv=None):
     parser.add_argument("--hidden-layers", type=int, default=2, help="hidden layers of V")
     parser.add_argument("--width", type=int, default=0, help="hidden width of V (0: the model's width d)")
     parser.add_argument("--activation", default="relu", help="relu, gelu, tanh or silu")
+    parser.add_argument("--shard-size", type=int, default=512,
+                        help="responses per rollout shard: an interrupted collection resumes at its first missing "
+                             "shard; under torchrun the processes take the shards in turn")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out checkpoint or --rollouts shards that another job made")
     args = parser.parse_args(argv)
 
     def settings():  # every flag is checked before any work
+        require((is_whole(args.shard_size, 1), f"--shard-size must be a whole number >= 1, got {args.shard_size}"))
         check_task_flags(args)
         check_overwrite(args.out, None, read_made_by, args.overwrite)
         ValueConfig(n_embd=1, n_hidden=args.hidden_layers, width=args.width, activation=args.activation)
@@ -341,7 +348,7 @@ def main(argv=None):
                                activation=args.activation)
     rollouts = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
     _, _, history = build_value(model, enc, prompts, args.reward, args.out, rollouts, sampling, value_config, training,
-                                calibration, args.model, overwrite=args.overwrite)
+                                calibration, args.model, overwrite=args.overwrite, shard_size=args.shard_size)
     return history
 
 

@@ -165,7 +165,7 @@ class ValueReport:
     def add(self, value, states, mask, rewards):
         values = value(states)  # (B, L)
         returns = lambda_returns(values, mask, rewards, lam=1.0, gamma=self.gamma)
-        positions = torch.arange(mask.shape[1])[None, :].expand_as(mask)
+        positions = torch.arange(mask.shape[1], device=mask.device)[None, :].expand_as(mask)
         is_last = positions == last_index(mask)[:, None]
         for store, x in ((self.v, values), (self.g, returns), (self.pos, positions), (self.is_last, is_last)):
             store.append(x[mask])
@@ -221,7 +221,7 @@ def save_value(path, value, base_model_id, model, reward_name, train_args=None, 
 
 def load_value(path, model=None, model_id=None, reward=None):
     """(V_phi in eval mode with frozen weights, checkpoint dict). With `model` (and `reward`), check that it was
-    trained for that model's states (and to predict that reward)."""
+    trained for that model's states (and to predict that reward), and put V on the model's device."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"value checkpoint {path} does not exist; train one with train_value.py")
     try:
@@ -246,4 +246,6 @@ def load_value(path, model=None, model_id=None, reward=None):
     value = ValueFunction(config)
     value.load_state_dict(checkpoint["state_dict"])
     value.requires_grad_(False)  # frozen at test time: E7 differentiates with respect to u only
+    if model is not None:  # on the device of the states it reads (in fp32 whatever the model's dtype)
+        value.to(model.wte.weight.device)
     return value.eval(), checkpoint

@@ -3,6 +3,7 @@ Decode and prefill speed of model.py against transformers' generate, same random
 same machine, same run: greedy, a 32-token prompt, 64 new tokens, batch 1 and 8.
 
     python benchmarks/bench_model.py
+    python benchmarks/bench_model.py --device cuda --dtype bfloat16 --batch-sizes 1 8 64
 """
 
 import os
@@ -21,7 +22,6 @@ from generate import SamplingConfig, sample  # noqa: E402
 def main(argv=None):
     parser = benchmark_parser(__doc__, new_tokens=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
-    parser.add_argument("--dtype", default="float32", help="dtype of both models: float32 or bfloat16")
     args = parser.parse_args(argv)
     apply_threads(args)
 
@@ -30,12 +30,12 @@ def main(argv=None):
     ref = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
-        ours = from_pretrained(folder, dtype=args.dtype)
-    ref.to(ours.wte.weight.dtype)
-    print(f"GPT-2 small, random weights, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        ours = from_pretrained(folder, dtype=args.dtype, device=args.device)
+    ref.to(dtype=ours.wte.weight.dtype, device=args.device)
+    print("GPT-2 small, random weights")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
     for B in args.batch_sizes:
-        prompt = torch.randint(0, 50257, (B, args.prompt_tokens))
+        prompt = torch.randint(0, 50257, (B, args.prompt_tokens), device=args.device)
         n = args.new_tokens
 
         def ours_generate():

@@ -5,6 +5,7 @@ on the toy world's base model, or on random weights of the shape of any preset o
 
     python benchmarks/bench_recontrol.py                                      # the toy base model (made if missing)
     python benchmarks/bench_recontrol.py --preset gpt2 --batch-size 1 --prompt-tokens 32 --new-tokens 64
+    python benchmarks/bench_recontrol.py --preset llama-2-7b --device cuda --dtype bfloat16 --batch-size 16
 """
 
 import os
@@ -16,6 +17,7 @@ from timing import apply_threads, benchmark_parser, best_time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toyworld  # noqa: E402
+from formats import resolve_dtype  # noqa: E402
 from model import GPT, GPTConfig, PRESETS  # noqa: E402
 from generate import SamplingConfig, sample  # noqa: E402
 from control import Controller  # noqa: E402
@@ -35,16 +37,18 @@ def main(argv=None):
     apply_threads(args)
     if args.preset:
         torch.manual_seed(0)
-        model, enc = GPT(GPTConfig.preset(args.preset)).eval(), None
+        with torch.device(args.device):  # random weights made where they will run
+            model, enc = GPT(GPTConfig.preset(args.preset)).to(resolve_dtype(args.dtype)).eval(), None
         prompts = torch.randint(model.config.vocab_size, (args.batch_size, args.prompt_tokens)).tolist()
     else:
         model, enc = toyworld.base_model()
+        model.to(dtype=resolve_dtype(args.dtype), device=args.device)
         prompts = [enc.encode(p) for p in toyworld.World().test_prompts()]
         prompts = (prompts * (args.batch_size // len(prompts) + 1))[:args.batch_size]
     if args.value:
         value, _ = load_value(args.value, model)
     else:
-        value = ValueFunction(ValueConfig(n_embd=model.config.n_embd)).requires_grad_(False)
+        value = ValueFunction(ValueConfig(n_embd=model.config.n_embd)).to(args.device).requires_grad_(False)
 
     eos_ids = [] if args.preset else None  # random weights: every response runs its full length
 
@@ -55,7 +59,7 @@ def main(argv=None):
         return tokens / best_time(lambda: sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs), args.repeats)
 
     plain = timed()
-    print(f"{args.preset or 'toy'} base model, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(f"{args.preset or 'toy'} base model, batch {args.batch_size}")
     print(f"{'sampling':>28}: {plain:8.0f} tokens/s")
     recorded = timed(record_states=True)
     print(f"{'recording o_0..o_T':>28}: {recorded:8.0f} tokens/s  ({plain / recorded - 1:+.1%} time)")

@@ -1,4 +1,5 @@
-"""What the speed benchmarks share: the best of a few timed runs after a warm-up, and their flags."""
+"""What the speed benchmarks share: the best of a few timed runs after a warm-up (waiting for the GPU, if any, to
+finish), and their flags."""
 
 import argparse
 import time
@@ -13,12 +14,18 @@ def benchmark_parser(doc, new_tokens):
     parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up; the best is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
+    parser.add_argument("--dtype", default="float32", help="dtype of the model: float32, bfloat16 or float16")
     return parser
 
 
 def apply_threads(args):
+    """Set torch's threads; print what the numbers were measured on."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"{where}, {args.dtype}, torch {torch.__version__}")
 
 
 def best_time(fn, repeats):
@@ -26,7 +33,15 @@ def best_time(fn, repeats):
     fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def synchronize():
+    """Wait for the GPU's queued work (a no-op without one), so that a time is the work's, not its queueing's."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

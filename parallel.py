@@ -30,7 +30,12 @@ def start(device):
         return device
     on_gpu = device is not None and torch.device(device).type == "cuda"  # None: the default, cpu
     if on_gpu:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started process {local_rank} of this node, but torch sees "
+                             f"{torch.cuda.device_count()} CUDA devices here; use --nproc-per-node "
+                             f"{torch.cuda.device_count()} (one process per GPU)")
+        device = f"cuda:{local_rank}"  # whatever --device named: one GPU per process
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if on_gpu else "gloo")
     atexit.register(dist.destroy_process_group)

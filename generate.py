@@ -105,7 +105,7 @@ def next_token(logits, temperature, top_k, top_p, uniform):
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     # ruled-out tokens (-inf) get probability 0; the sums in float64, so that one never gets a step of its own
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, vocab)
+    cdf = logits.softmax(-1).to(wide_float(logits.device)).cumsum(-1)  # (B, vocab)
     if not torch.isfinite(cdf[:, -1]).all():
         raise ValueError("the next-token probabilities are not finite (NaN or inf logits: a diverged edit or model)")
     threshold = uniform * cdf[:, -1]  # in (0, total]: the first token whose sum reaches it
@@ -125,7 +125,12 @@ def row_uniforms(seeds, n, device):
     """(B, n) numbers in (0, 1], row i from a generator of its own seeded with seeds[i] (on the CPU, so that a GPU
     draws the same numbers as a CPU)."""
     streams = [torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return (1 - torch.stack(streams)).to(device)
+    return (1 - torch.stack(streams)).to(device, wide_float(device))
+
+
+def wide_float(device):
+    """float64 for the draws, except on Apple's MPS, which has none (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def kl_divergence(logits, base_logits, temperature):

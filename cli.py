@@ -106,8 +106,15 @@ def add_task_arguments(parser, prompts="toy-test"):
                              "or module:function")
     parser.add_argument("--chat", default=None,
                         help="put each prompt in an instruct model's chat template: llama3 or vicuna")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser):
+    """Where the model runs and in which dtype (tasks.check_task_flags checks them)."""
     parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, ... (default: cpu; under torchrun with cuda, each process takes the GPU of "
+                             "its LOCAL_RANK)")
 
 
 SAMPLING_HELP = {"max_new_tokens": "longest response (default: what the context leaves after the longest prompt, "

@@ -15,11 +15,11 @@ Steps 2-4 are one function, learn_and_steer, that the benchmarks call too.
 import os
 
 import toyworld
-from cli import new_parser, run_cli
+from cli import add_device_arguments, checked, new_parser, run_cli
 from control import ControlConfig, Controller
 from checkpoints import check_overwrite
 from generate import Method, SamplingConfig, evaluate_methods, print_report, read_jsonl_made_by, write_jsonl
-from tasks import check_prompts_fit, load_model, load_reward
+from tasks import check_prompts_fit, check_task_flags, load_model, load_reward
 from train_value import CalibrationConfig, TrainingConfig, build_value
 from value import ValueConfig
 
@@ -68,7 +68,9 @@ def main(argv=None):
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="test responses per test prompt and seed")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the rollouts, V and generations in --out-dir that a run with other settings made")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
+    checked(parser, lambda: check_task_flags(args))
     name, _, seed = args.model.partition("@")
     if name not in toyworld.VARIANTS:
         parser.error(f"--model must name a toy world ({', '.join(toyworld.VARIANTS)}, optionally @SEED), "
@@ -76,7 +78,7 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(toyworld.VARIANTS[name][0], f"seed{seed}" if seed else "")
 
     # 1. the base model (pretrained once and cached), the world's prompts split into train and test, its reward
-    model, enc = load_model(args.model)
+    model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
     # 2-4. rollouts -> V -> the radius of E7, then the base model and RE-Control on the test prompts
     generations = os.path.join(out_dir, "test_generations.jsonl")
     made_by = {"tool": "recontrol.py", "model": args.model, "seeds": args.seeds,

@@ -322,9 +322,8 @@ def sample_responses(method, model, enc, prompts, reward_fn, config, seed):
         rows = [{"prompt": p, "response": out.texts[i], "tokens": out.tokens[i], "kl": out.kl[i],
                  "finished": out.finished[i], "reward": reward} for p, i, reward in zip(batch, chosen, rewards)]
         if method.value is not None:  # V(o_t) along each response, o_0 ... o_T
-            with torch.no_grad():
-                for row, i in zip(rows, chosen):
-                    row["values"] = method.value(out.states[i].float()).tolist()
+            for row, i in zip(rows, chosen):
+                row["values"] = method.value(out.states[i].float()).tolist()
         return rows, cost
 
     batches = parallel.map_batches(len(jobs), config.batch_size, run)

@@ -40,6 +40,25 @@ def test_the_parts_of_a_batch_average_to_its_loss_and_gradient(method, batch):
     torch.testing.assert_close(sum(g for _, g in parts) / n_parts, whole[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_jobs, batch_size, world", [(10, 3, 3), (10, 3, 2), (4, 8, 3), (7, 1, 4)])
+def test_batches_dealt_out_come_back_in_order(n_jobs, batch_size, world, monkeypatch):
+    import parallel
+    dealt = {}
+    for r in range(world):  # each process runs its own batches
+        monkeypatch.setattr(parallel, "rank", lambda r=r: r)
+        monkeypatch.setattr(parallel, "world_size", lambda: world)
+        dealt[r] = [(start, end) for start, end in parallel.my_batches(n_jobs, batch_size)]
+    ran = sorted(b for batches in dealt.values() for b in batches)
+    assert ran == [(s, min(s + batch_size, n_jobs)) for s in range(0, n_jobs, batch_size)]  # each batch once
+
+    def all_gather_object(everyone, mine):  # what torch.distributed would collect from the processes
+        everyone[:] = [[list(range(start, end)) for start, end in dealt[r]] for r in range(world)]
+
+    monkeypatch.setattr(parallel.dist, "all_gather_object", all_gather_object)
+    gathered = parallel.map_batches(n_jobs, batch_size, lambda start, end: list(range(start, end)))
+    assert [job for batch in gathered for job in batch] == list(range(n_jobs))
+
+
 def run(script, args, processes):
     launcher = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from timing import apply_threads, benchmark_parser, best_time
+from timing import apply_threads, benchmark_parser, best_times
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toyworld  # noqa: E402
@@ -52,32 +52,27 @@ def main(argv=None):
 
     eos_ids = [] if args.preset else None  # random weights: every response runs its full length
 
-    def timed(**kwargs):
-        """Tokens per second of sampling the batch with these plug-ins."""
-        config = SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids)
-        tokens = sum(len(t) for t in sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs).tokens)
-        return tokens / best_time(lambda: sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs), args.repeats)
-
-    plain = timed()
-    print(f"{args.preset or 'toy'} base model, batch {args.batch_size}")
-    print(f"{'sampling':>28}: {plain:8.0f} tokens/s")
-    recorded = timed(record_states=True)
-    print(f"{'recording o_0..o_T':>28}: {recorded:8.0f} tokens/s  ({plain / recorded - 1:+.1%} time)")
-    for n in args.steps:
-        controlled = timed(edit=Controller(value, 0.1, n))
-        print(f"{f'RE-Control, n = {n}':>28}: {controlled:8.0f} tokens/s  ({plain / controlled:.2f}x the time)")
-    by_autograd = timed(edit=Controller(lambda o: value(o), 0.1, args.steps[-1]))  # a plain callable: autograd
-    print(f"{f'n = {args.steps[-1]}, autograd gradient':>28}: {by_autograd:8.0f} tokens/s  "
-          f"({plain / by_autograd:.2f}x the time)")
+    config = SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids)
+    n = args.steps[-1]
+    settings = {"sampling": {}, "recording o_0..o_T": dict(record_states=True),
+                **{f"RE-Control, n = {k}": dict(edit=Controller(value, 0.1, k)) for k in args.steps},
+                f"n = {n}, autograd gradient": dict(edit=Controller(lambda o: value(o), 0.1, n))}  # a plain callable
     if args.target is not None:  # a row stops climbing once V reaches the target
-        n = args.steps[-1]
-        with_target = timed(edit=Controller(value, 0.1, n, target=args.target))
+        settings[f"n = {n}, target V {args.target:g}"] = dict(edit=Controller(value, 0.1, n, target=args.target))
+    tokens = {name: sum(len(t) for t in sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs).tokens)
+              for name, kwargs in settings.items()}
+    times = best_times({name: lambda kwargs=kwargs: sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs)
+                        for name, kwargs in settings.items()}, args.repeats)  # interleaved, round after round
+    rate = {name: tokens[name] / times[name] for name in settings}  # tokens per second
+    print(f"{args.preset or 'toy'} base model, batch {args.batch_size}, the best of {args.repeats} interleaved rounds")
+    for name in settings:
+        cost = "" if name == "sampling" else f"  ({rate['sampling'] / rate[name]:.2f}x the time per token)"
+        print(f"{name:>28}: {rate[name]:8.0f} tokens/s{cost}")
+    if args.target is not None:
         counted, rows = Controller(value, 0.1, n, target=args.target), []  # rows: how many states each step edits
-        sample(model, prompts, SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids), tokenizer=enc, seed=0,
-               edit=lambda o: rows.append(o.shape[0]) or counted(o))
-        print(f"{f'n = {n}, target V {args.target:g}':>28}: {with_target:8.0f} tokens/s  ({plain / with_target:.2f}x "
-              f"the time), {int(counted.steps_taken) / sum(rows):.1f} ascent steps per token on average")
-
+        sample(model, prompts, config, tokenizer=enc, seed=0, edit=lambda o: rows.append(o.shape[0]) or counted(o))
+        print(f"{'':>28}  with the target: {int(counted.steps_taken) / sum(rows):.1f} of {n} ascent steps per token "
+              "on average")
 
 if __name__ == "__main__":
     main()

@@ -30,15 +30,23 @@ def apply_threads(args):
 
 def best_time(fn, repeats):
     """The shortest wall time of `repeats` calls of fn(), after one call that warms up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        t0 = time.perf_counter()
+    return best_times({"": fn}, repeats)[""]
+
+
+def best_times(fns, repeats):
+    """{name: the shortest wall time of `repeats` calls of fn} for a dict of fns, after one warm-up call each. The
+    calls take turns (round after round), so a slow spell of a shared machine slows every fn, not one alone."""
+    for fn in fns.values():
         fn()
-        synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            t0 = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def synchronize():

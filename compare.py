@@ -6,6 +6,7 @@ Writes the table as Markdown and CSV, and the plots as PNG (with matplotlib inst
 
     python compare.py        # the embedded toy world; trains V first when out/toyworld/value.pt is missing
     python compare.py --model path/to/gpt2 --prompts test.txt --reward sentiment --value gpt2_value.pt
+    torchrun --standalone --nproc-per-node 8 compare.py --device cuda ...   # the same job on 8 GPUs (parallel.py)
 """
 
 import csv

@@ -12,6 +12,7 @@ that puts the base model and RE-Control side by side (E8).
     python generate.py --model toy --value out/toyworld/value.pt --out generations.jsonl
     python generate.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --value gpt2_value.pt \\
         --step-size 0.5 --n-steps 30
+    torchrun --standalone --nproc-per-node 8 generate.py --device cuda ...   # the same job on 8 GPUs (parallel.py)
 """
 
 import json
@@ -122,8 +123,7 @@ def row_seeds(seed, first_job, n):
 
 
 def row_uniforms(seeds, n, device):
-    """(B, n) numbers in (0, 1], row i from a generator of its own seeded with seeds[i] (on the CPU, so that a GPU
-    draws the same numbers as a CPU)."""
+    """(B, n) numbers in (0, 1], row i from its own generator seeded with seeds[i], on the CPU (a GPU draws the same)."""
     streams = [torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return (1 - torch.stack(streams)).to(device, wide_float(device))
 

@@ -10,6 +10,7 @@ strength of the control (E7) chosen on held-out validation prompts and stored wi
 
     python train_value.py      # the embedded toy world: its base model, its training prompts, its reward
     python train_value.py --model path/to/gpt2 --prompts prompts.txt --reward sentiment --out gpt2_value.pt
+    torchrun --standalone --nproc-per-node 8 train_value.py --device cuda ...   # the same job on 8 GPUs (parallel.py)
 """
 
 import copy

@@ -123,7 +123,7 @@ def row_seeds(seed, first_job, n):
 
 
 def row_uniforms(seeds, n, device):
-    """(B, n) numbers in (0, 1], row i from its own generator seeded with seeds[i], on the CPU (a GPU draws the same)."""
+    """(B, n) numbers in (0, 1], row i from a generator seeded with seeds[i], drawn on the CPU for every device."""
     streams = [torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return (1 - torch.stack(streams)).to(device, wide_float(device))
 

@@ -53,14 +53,15 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
         raise ValueError(f"--rollouts {folder} is a file; name a folder")
     meta_path = os.path.join(folder, "rollouts.json")
     shard_paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
-    if os.path.exists(meta_path) and overwrite:
-        parallel.barrier()  # every process has read the folder before rank 0 empties it
+    made_before = os.path.exists(meta_path)
+    parallel.barrier()  # every process has looked at the folder before any process changes it
+    if made_before and overwrite:
         if parallel.is_main():
             for path in shard_paths + [meta_path]:  # our own files only
                 os.remove(path)
-        parallel.barrier()
+        parallel.barrier()  # emptied before any process writes again
         shard_paths = []
-    elif os.path.exists(meta_path):
+    elif made_before:
         changed = differences(read_json(meta_path)["settings"], settings)
         if changed:
             raise ValueError(f"{folder} holds rollouts made with other settings ({'; '.join(changed[:4])}"

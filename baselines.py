@@ -104,6 +104,6 @@ class NextStateValueGuide:
             for j in range(candidates.shape[1]):
                 o_next = self.model.states(candidates[:, j:j + 1], cache)[:, -1]  # (B, C)
                 cache.rewind(1)  # its slot is written again by the token actually chosen
-                scores[:, j] = self.value(o_next.float())  # V in fp32, whatever the model's dtype
+                scores[:, j] = self.value(o_next)
             return scores
         return rescore_top_k(logits, self.k, self.weight, scores_of)

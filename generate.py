@@ -323,7 +323,7 @@ def sample_responses(method, model, enc, prompts, reward_fn, config, seed):
                  "finished": out.finished[i], "reward": reward} for p, i, reward in zip(batch, chosen, rewards)]
         if method.value is not None:  # V(o_t) along each response, o_0 ... o_T
             for row, i in zip(rows, chosen):
-                row["values"] = method.value(out.states[i].float()).tolist()
+                row["values"] = method.value(out.states[i]).tolist()  # V reads the state in fp32
         return rows, cost
 
     batches = parallel.map_batches(len(jobs), config.batch_size, run)

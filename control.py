@@ -4,37 +4,46 @@ V_phi(o_t + u) moves the newest state o_t by u before the LM head reads it (E3).
 
 It plugs into generate.sample as its `edit`, so plain and controlled sampling share one loop, and u never enters
 the KV cache. How strong it may be (the radius) is chosen on validation prompts by train_value.py.
+Imports torch only.
 """
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
-
-from cli import is_finite, is_whole, require
 
 # -----------------------------------------------------------------------------
 # settings
 
 
+def setting(default, doc):
+    """A dataclass field whose documentation travels with it (the command line's --help reads it)."""
+    return field(default=default, metadata={"help": doc})
+
+
 @dataclass
 class ControlConfig:
     """The settings of E7 (see Controller). The paper's: alpha = 0.5, n = 30, no radius, no target."""
-    step_size: float = 0.5  # alpha
-    n_steps: int = 30  # n
-    l2: float = 0.0  # lambda of E4/E7, the penalty on ||u||^2
-    radius: float | None = None  # ||u|| <= radius * ||o_t||; None: no limit
-    target: float | None = None  # a row stops climbing once V(o_t + u) >= target; None: always n steps
+    step_size: float = setting(0.5, "alpha of E7, the size of each ascent step")
+    n_steps: int = setting(30, "n of E7, the ascent steps per token")
+    l2: float = setting(0.0, "lambda of E4/E7, the penalty on ||u||^2")
+    radius: float | None = setting(None, "keep ||u|| <= radius * ||o_t|| (None or inf: no limit)")
+    target: float | None = setting(None, "a row stops climbing once V(o_t + u) >= target (None: n steps)")
 
     def __post_init__(self):
-        require((is_finite(self.step_size, 0),
-                 f"the step size (--step-size) must be a number >= 0, got {self.step_size}"),
-                (is_whole(self.n_steps, 0), f"the steps (--n-steps) must be a whole number >= 0, got {self.n_steps}"),
-                (is_finite(self.l2, 0), f"l2 (--l2) must be a number >= 0, got {self.l2}"),
-                (self.radius is None or self.radius > 0,
-                 f"the radius (--radius) must be > 0 (inf: no limit), got {self.radius}"),
-                (self.target is None or is_finite(self.target, -math.inf),
-                 f"the target value (--target) must be a finite number, 'none' or 'auto', got {self.target}"))
+        def number(x, least=-math.inf):
+            return isinstance(x, (int, float)) and math.isfinite(x) and x >= least
+        rules = [(number(self.step_size, 0), f"step_size must be a number >= 0, got {self.step_size}"),
+                 (number(self.n_steps, 0) and int(self.n_steps) == self.n_steps,
+                  f"n_steps must be a whole number >= 0, got {self.n_steps}"),
+                 (number(self.l2, 0), f"l2 must be a number >= 0, got {self.l2}"),
+                 (self.radius is None or self.radius > 0,
+                  f"radius must be > 0 (inf: no limit), got {self.radius}"),
+                 (self.target is None or number(self.target),
+                  f"target must be a finite number, 'none' or 'auto', got {self.target}")]
+        problems = [message for ok, message in rules if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
         self.n_steps = int(self.n_steps)
 
     @classmethod
@@ -50,7 +59,7 @@ class ControlConfig:
             try:
                 target = float(target)
             except (TypeError, ValueError):
-                raise ValueError(f"the target must be a number, 'none' or 'auto', got {target!r}") from None
+                raise ValueError(f"target must be a number, 'none' or 'auto', got {target!r}") from None
         return cls(step_size=step_size if step_size is not None else stored.get("step_size", paper.step_size),
                    n_steps=n_steps if n_steps is not None else stored.get("n_steps", paper.n_steps), l2=l2,
                    radius=radius if radius is not None else stored.get("radius"), target=target)
@@ -81,15 +90,9 @@ class Controller:
     far past the states the model visits. None: always n steps, the paper's E7.
     """
 
-    def __init__(self, value, step_size=0.5, n_steps=30, l2=0.0, radius=None, target=None):
-        config = ControlConfig(step_size, n_steps, l2, radius, target)  # checks every setting
-        self.value, self.step_size, self.n_steps, self.l2 = value, config.step_size, config.n_steps, config.l2
-        self.radius, self.target = config.radius, config.target
+    def __init__(self, value, config=ControlConfig()):
+        self.value, self.config = value, config
         self.steps_taken = 0  # with a target: ascent steps summed over rows and calls, what the early stop saves
-
-    @classmethod
-    def from_config(cls, value, config):
-        return cls(value, **asdict(config))
 
     def value_and_gradient(self, x):
         """V(x) (B,) and dV/dx (B, C): in closed form for value.ValueFunction (no autograd graph per step), by
@@ -104,30 +107,31 @@ class Controller:
 
     def control(self, o):
         """u (B, C) for states o (B, C)."""
+        c = self.config
         o = o.detach().float()
         u = torch.zeros_like(o)
         active = torch.ones(o.shape[0], dtype=torch.bool, device=o.device)  # rows still climbing
-        limit = self.radius * o.norm(dim=-1, keepdim=True) if self.radius is not None else None  # (B, 1)
-        for _ in range(self.n_steps):
+        limit = c.radius * o.norm(dim=-1, keepdim=True) if c.radius is not None else None  # (B, 1)
+        for _ in range(c.n_steps):
             v, dv = self.value_and_gradient(o + u)  # V(o + u) (B,) and its gradient (B, C)
-            if self.target is not None:
-                active &= v < self.target  # reached the target: this row stops for good
+            if c.target is not None:
+                active &= v < c.target  # reached the target: this row stops for good
                 if not active.any():
                     break
-            # >>> exercise E7: grad (B, C), the gradient with respect to u of E4's objective V(o + u) - l2 ||u||^2
-            grad = dv - 2 * self.l2 * u
+            # >>> exercise E7: grad (B, C), the gradient with respect to u of V(o + u) - l2 ||u||^2 (E4)
+            grad = dv - 2 * c.l2 * u
             # <<< exercise E7
-            if self.target is not None:  # rows that reached the target take no step
+            if c.target is not None:  # rows that reached the target take no step
                 grad = grad * active[:, None]
                 self.steps_taken += active.sum()  # a tensor: no device sync in the loop
             # >>> exercise E7: one step of gradient ascent on u
-            u = u + self.step_size * grad
+            u = u + c.step_size * grad
             # <<< exercise E7
             if limit is not None:  # projection onto the ball ||u|| <= radius * ||o||
                 u = u * (limit / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
         return u
 
     def __call__(self, o):
-        if self.n_steps == 0 or self.step_size == 0:
+        if self.config.n_steps == 0 or self.config.step_size == 0:
             return o  # exactly the base model
         return (o.float() + self.control(o)).to(o.dtype)  # E3: the head reads o_t + u_t

@@ -2,10 +2,11 @@
 RE-Control (Kong et al., NeurIPS 2024): align a language model at test time by editing its representation.
 The whole method on the embedded toy world, top to bottom:
 
-    1. the base model and the task       toyworld.py, tasks.py      the LM as a dynamical system (E1, E2), R (E4)
-    2. rollouts -> V -> its radius        train_value.py             E1, E5, E6, and how strong E7 may be
-    3. RE-Control beside the base model   generate.py, control.py    E3, E7 at every decoding step
-    4. the table                          metrics.py                 E8
+    1. the base model and the task       worlds/toy.py, model.py      the LM as a dynamical system (E1, E2), R (E4)
+    2. rollouts -> V -> its radius        rollouts.py, value.py,       E1, E5, E6, and how strong E7 may be
+                                          train_value.py
+    3. RE-Control beside the base model   generate.py, control.py      E3, E7 at every decoding step
+    4. the table                          evaluation/                  E8
     5. the trade-off of E7's strength     the same, over alpha * n
 Steps 2-4 are one function, learn_and_steer, that the benchmarks call too.
 
@@ -13,20 +14,24 @@ Steps 2-4 are one function, learn_and_steer, that the benchmarks call too.
 """
 
 import os
+from dataclasses import replace
 
-import toyworld
-from cli import add_device_arguments, checked, new_parser, run_cli
+import worlds
 from control import ControlConfig, Controller
-from checkpoints import check_overwrite
-from generate import Method, SamplingConfig, evaluate_methods, print_report, read_jsonl_made_by, write_jsonl
-from tasks import check_prompts_fit, check_task_flags, load_model, load_reward
+from evaluation.harness import Method, evaluate_methods, strength_sweep
+from evaluation.report import print_report
+from generate import SamplingConfig, response_length
+from plumbing.checkpoints import check_dtype_and_device
+from plumbing.cli import add_device_arguments, checked, new_parser, run_cli
+from plumbing.files import check_overwrite, read_jsonl_made_by, write_jsonl
 from train_value import CalibrationConfig, TrainingConfig, build_value
 from value import ValueConfig
+from worlds import toy
 
 
 def sampling_for_test_prompts(model, enc, samples_per_prompt):
     """How the test prompts are sampled: as long as the context allows (<= 128 tokens), in batches of 64."""
-    return SamplingConfig(max_new_tokens=check_prompts_fit(model, enc, toyworld.World().test_prompts()),
+    return SamplingConfig(max_new_tokens=response_length(model, enc, toy.World().test_prompts()),
                           samples_per_prompt=samples_per_prompt)
 
 
@@ -37,9 +42,9 @@ def learn_and_steer(model, enc, model_id, out_dir, training=TrainingConfig(), ro
     base model and RE-Control on the held-out test prompts, samples_per_prompt for each of the sampling `seeds`.
     Files that another job made in out_dir are replaced only with `overwrite`.
     Returns (V, its ControlConfig, its training history, the two summary rows, every test response)."""
-    world = toyworld.World()
+    world = toy.World()
     train_prompts = world.train_prompts()
-    rollout_sampling = SamplingConfig(max_new_tokens=check_prompts_fit(model, enc, train_prompts),
+    rollout_sampling = SamplingConfig(max_new_tokens=response_length(model, enc, train_prompts),
                                       samples_per_prompt=rollouts_per_prompt)
     value, checkpoint, history = build_value(model, enc, train_prompts, "toy", os.path.join(out_dir, "value.pt"),
                                              rollouts or os.path.join(out_dir, "rollouts"), rollout_sampling,
@@ -48,10 +53,10 @@ def learn_and_steer(model, enc, model_id, out_dir, training=TrainingConfig(), ro
     control = ControlConfig.chosen(checkpoint["control"])
     print("\nRE-Control on held-out test prompts, the base model beside it (mean over seeds, ± spread):")
     print(f"RE-Control: {control}")
-    methods = [Method("base", value=value), Method("RE-Control", Controller.from_config(value, control), value=value)]
-    summaries, records = evaluate_methods(methods, model, enc, world.test_prompts(), load_reward("toy"),
+    methods = [Method("base", value=value), Method("RE-Control", Controller(value, control), value=value)]
+    summaries, records = evaluate_methods(methods, model, enc, world.test_prompts(), worlds.load_reward("toy"),
                                           sampling_for_test_prompts(model, enc, samples_per_prompt), seeds,
-                                          toyworld.is_grammatical)
+                                          toy.is_grammatical)
     print_report(summaries, records, examples=3)
     return value, control, history, summaries, records
 
@@ -70,15 +75,15 @@ def main(argv=None):
                         help="replace the rollouts, V and generations in --out-dir that a run with other settings made")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
-    checked(parser, lambda: check_task_flags(args))
+    checked(parser, lambda: check_dtype_and_device(args.dtype, args.device))
     name, _, seed = args.model.partition("@")
-    if name not in toyworld.VARIANTS:
-        parser.error(f"--model must name a toy world ({', '.join(toyworld.VARIANTS)}, optionally @SEED), "
+    if name not in toy.VARIANTS:
+        parser.error(f"--model must name a toy world ({', '.join(toy.VARIANTS)}, optionally @SEED), "
                      f"got {args.model!r}")
-    out_dir = args.out_dir or os.path.join(toyworld.VARIANTS[name][0], f"seed{seed}" if seed else "")
+    out_dir = args.out_dir or os.path.join(toy.VARIANTS[name][0], f"seed{seed}" if seed else "")
 
     # 1. the base model (pretrained once and cached), the world's prompts split into train and test, its reward
-    model, enc = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device)
     # 2-4. rollouts -> V -> the radius of E7, then the base model and RE-Control on the test prompts
     generations = os.path.join(out_dir, "test_generations.jsonl")
     made_by = {"tool": "recontrol.py", "model": args.model, "seeds": args.seeds,
@@ -91,17 +96,16 @@ def main(argv=None):
 
     # 5. the trade-off: alpha * n from 0 up, without the radius (the paper's E7) and with the calibrated one
     if args.sweep:
-        unbounded = ControlConfig(control.step_size, control.n_steps, radius=float("inf"), target=control.target)
-        for title, bound in [("The trade-off of E7 as the paper has it (no radius): a stronger ascent (alpha * n) "
-                              "buys reward, then falls off a cliff:", unbounded),
-                             ("The same with the calibrated radius: the edit cannot leave the neighbourhood of o_t:",
-                              control)]:
+        for title, radius in [("The trade-off of E7 as the paper has it (no radius): a stronger ascent (alpha * n) "
+                               "buys reward, then falls off a cliff:", float("inf")),
+                              ("The same with the calibrated radius: the edit cannot leave the neighbourhood of "
+                               "o_t:", control.radius)]:
+            bound = replace(control, radius=radius)
             print(f"\n{title}\nRE-Control: {bound}")
-            methods = [Method(f"alpha*n = {total:g}", Controller.from_config(value, bound.with_total(total)))
-                       for total in args.sweep]
-            sweep, _ = evaluate_methods(methods, model, enc, toyworld.World().test_prompts(), load_reward("toy"),
-                                        sampling_for_test_prompts(model, enc, args.samples_per_prompt), args.seeds[:1],
-                                        toyworld.is_grammatical)
+            sweep, _ = evaluate_methods(strength_sweep(value, bound, args.sweep), model, enc,
+                                        toy.World().test_prompts(), worlds.load_reward("toy"),
+                                        sampling_for_test_prompts(model, enc, args.samples_per_prompt),
+                                        args.seeds[:1], toy.is_grammatical)
             print_report(sweep)
     return summaries
 

@@ -3,10 +3,10 @@ Rollouts (E1, E6): the base model's own responses to the training prompts, with 
 through and the reward R of each, kept on disk for value training.
 
 Shards of fp16 states are written atomically and a long collection resumes where it stopped (each response has its
-own seed, so the data do not depend on where it stopped). Under torchrun each process collects every N-th shard, and
-the folder holds the same shards as one process would write. The folder records what made it (the model and a fingerprint
-of its weights, the tokenizer, a hash of the prompts, the reward, the sampling settings and the seed): collecting
-into it with anything different is an error unless the caller overwrites it.
+own seed, so the data do not depend on where it stopped). Under torchrun each process collects every N-th shard,
+and the folder holds the same shards as one process would write. The folder records what made it (the model and
+a fingerprint of its weights, the tokenizer, a hash of the prompts, the reward, the sampling settings and the
+seed): collecting into it with anything different is an error unless the caller overwrites it.
 """
 
 import glob
@@ -18,12 +18,11 @@ import time
 
 import torch
 
-from checkpoints import differences, write_atomically, write_text_atomically
-from formats import read_json
-import parallel
 from generate import row_seeds, sample
-from tasks import prompts_digest
-from value import model_fingerprint
+from plumbing import parallel
+from plumbing.checkpoints import model_fingerprint
+from plumbing.files import differences, read_json, write_atomically, write_text_atomically
+from plumbing.prompts import prompts_digest
 
 
 def rollout_job(model, enc, prompts, reward_name, model_id):
@@ -49,6 +48,35 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
                     width=model.config.n_embd, **(made_by or {}))
     if config.eos_ids is not None:  # recorded only when named, so folders made without --eos keep their settings
         settings["eos_ids"] = list(config.eos_ids)
+    shard_paths = prepare_folder(folder, settings, overwrite)
+    log(f"rollouts: {len(shard_paths)} shards already in {folder} are reused" if shard_paths else
+        f"rollouts: collecting {config.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
+    n_shards = math.ceil(len(jobs) / shard_size)
+    t0, done = time.time(), 0
+    for s in parallel.my_share(n_shards):  # shard s: jobs s * shard_size ...
+        path = os.path.join(folder, f"shard_{s:05d}.pt")
+        if os.path.exists(path):
+            continue
+        shard_jobs = jobs[s * shard_size:(s + 1) * shard_size]
+        shard = sample_shard(model, enc, prompts, reward_fn, shard_jobs, s * shard_size, config, seed)
+        meta_path = os.path.join(folder, "rollouts.json")
+        if not os.path.exists(meta_path):  # written with the first shard: a run that fails before leaves nothing
+            os.makedirs(folder, exist_ok=True)  # (by every process that gets here first: the same text, atomically)
+            write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
+        write_atomically(path, lambda p: torch.save(shard, p))
+        done += len(shard_jobs)
+        rate = done / (time.time() - t0)
+        left = len(jobs) - (s + 1) * shard_size
+        log(f"rollouts: shard {s + 1}/{n_shards}, {rate:.1f} responses/s, mean reward {shard['rewards'].mean():+.3f}, "
+            f"ETA {max(left, 0) / rate / parallel.world_size():.0f}s")
+    parallel.barrier()  # training reads every process's shards
+    return folder
+
+
+def prepare_folder(folder, settings, overwrite):
+    """The shards already in a rollout folder made with these settings (to reuse); none when `overwrite` empties
+    it. A folder made with other settings is an error that says what differs."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--rollouts {folder} is a file; name a folder")
     meta_path = os.path.join(folder, "rollouts.json")
@@ -60,50 +88,34 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
             for path in shard_paths + [meta_path]:  # our own files only
                 os.remove(path)
         parallel.barrier()  # emptied before any process writes again
-        shard_paths = []
-    elif made_before:
+        return []
+    if made_before:
         changed = differences(read_json(meta_path)["settings"], settings)
         if changed:
             raise ValueError(f"{folder} holds rollouts made with other settings ({'; '.join(changed[:4])}"
                              f"{'; ...' if len(changed) > 4 else ''}); pass --overwrite to collect them again there, "
                              "or name another folder with --rollouts")
-    log(f"rollouts: {len(shard_paths)} shards already in {folder} are reused" if shard_paths else
-        f"rollouts: collecting {config.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
-    n_shards = math.ceil(len(jobs) / shard_size)
-    t0, done = time.time(), 0
-    for s in parallel.my_share(n_shards):  # shard s: jobs s * shard_size ...
-        path = os.path.join(folder, f"shard_{s:05d}.pt")
-        if os.path.exists(path):
-            continue
-        first_job = s * shard_size
-        shard_jobs = jobs[first_job:first_job + shard_size]
-        states, lengths, texts, tokens, finished = [], [], [], [], []
-        for b in range(0, len(shard_jobs), config.batch_size):
-            batch = [prompts[i] for i, _ in shard_jobs[b:b + config.batch_size]]
-            out = sample(model, [enc.encode(p, allowed_special="all") for p in batch], config, tokenizer=enc,
-                         seed=row_seeds(seed, first_job + b, len(batch)), record_states=True)
-            states += [x.half().cpu() for x in out.states]
-            lengths += [x.shape[0] for x in out.states]
-            texts += out.texts
-            tokens += out.tokens
-            finished += out.finished
-        prompt_index = [i for i, _ in shard_jobs]
-        rewards = reward_fn([prompts[i] for i in prompt_index], texts).float()
-        shard = {"states": torch.cat(states), "lengths": torch.tensor(lengths), "rewards": rewards,
-                 "prompt_index": torch.tensor(prompt_index), "texts": texts, "tokens": tokens,
-                 "finished": torch.tensor(finished)}
-        if not os.path.exists(meta_path):  # written with the first shard: a run that fails before leaves nothing
-            os.makedirs(folder, exist_ok=True)  # (by every process that gets here first: the same text, atomically)
-            write_text_atomically(meta_path, json.dumps({"settings": settings, "n_shards": n_shards}))
-        write_atomically(path, lambda p: torch.save(shard, p))
-        done += len(shard_jobs)
-        rate = done / (time.time() - t0)
-        left = len(jobs) - (s + 1) * shard_size
-        log(f"rollouts: shard {s + 1}/{n_shards}, {rate:.1f} responses/s, mean reward {rewards.mean():+.3f}, "
-            f"ETA {max(left, 0) / rate / parallel.world_size():.0f}s")
-    parallel.barrier()  # training reads every process's shards
-    return folder
+    return shard_paths
+
+
+def sample_shard(model, enc, prompts, reward_fn, shard_jobs, first_job, config, seed):
+    """One shard: the responses to the jobs (prompt index, sample), from the seeds of jobs first_job ..., with
+    their states o_0 ... o_T in fp16, their rewards, tokens and texts."""
+    states, lengths, texts, tokens, finished = [], [], [], [], []
+    for b in range(0, len(shard_jobs), config.batch_size):
+        batch = [prompts[i] for i, _ in shard_jobs[b:b + config.batch_size]]
+        out = sample(model, [enc.encode(p, allowed_special="all") for p in batch], config, tokenizer=enc,
+                     seed=row_seeds(seed, first_job + b, len(batch)), record_states=True)
+        states += [x.half().cpu() for x in out.states]
+        lengths += [x.shape[0] for x in out.states]
+        texts += out.texts
+        tokens += out.tokens
+        finished += out.finished
+    prompt_index = [i for i, _ in shard_jobs]
+    rewards = reward_fn([prompts[i] for i in prompt_index], texts).float()
+    return {"states": torch.cat(states), "lengths": torch.tensor(lengths), "rewards": rewards,
+            "prompt_index": torch.tensor(prompt_index), "texts": texts, "tokens": tokens,
+            "finished": torch.tensor(finished)}
 
 
 class Rollouts:

@@ -1,16 +1,13 @@
 """
-The value function V_phi(o_t) (docs/method.md, E5) and its Bellman loss (E6), with checkpoints that carry their
-architecture and the model they were trained for.
+The value function V_phi(o_t) (docs/method.md, E5) and its Bellman loss (E6): the MLP, the lambda-returns that
+join TD(0) and Monte Carlo, the official code's loss as written, and the yardstick that compares them.
+Imports torch only (a value checkpoint is read and written by plumbing/checkpoints.py).
 """
 
-import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-
-from checkpoints import write_atomically
-from cli import is_whole, require
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -18,17 +15,23 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiL
 @dataclass
 class ValueConfig:
     n_embd: int  # d, the width of the states o_t it reads
-    n_hidden: int = 2  # hidden layers (the official code uses 2-3)
-    width: int = 0  # hidden width; 0 means d
-    activation: str = "relu"
+    n_hidden: int = field(default=2, metadata={"help": "hidden layers of V (the official code uses 2-3)",
+                                                "flag": "hidden-layers"})
+    width: int = field(default=0, metadata={"help": "hidden width of V (0: the model's width d)"})
+    activation: str = field(default="relu", metadata={"help": f"one of {', '.join(ACTIVATIONS)}"})
 
     def __post_init__(self):
-        require((self.activation in ACTIVATIONS,
-                 f"--activation {self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}"),
-                (is_whole(self.n_hidden, 0), f"--hidden-layers must be a whole number >= 0, got {self.n_hidden}"),
-                (is_whole(self.width, 0),
-                 f"--width must be a whole number >= 0 (0: the model's width), got {self.width}"))
+        whole = [name for name in ("n_hidden", "width") if not is_whole(getattr(self, name))]
+        problems = [f"{name} must be a whole number >= 0, got {getattr(self, name)}" for name in whole]
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation {self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.width = self.width or self.n_embd
+
+
+def is_whole(x):
+    return isinstance(x, (int, float)) and x == x and int(x) == x and x >= 0
 
 
 class ValueFunction(nn.Module):
@@ -177,75 +180,12 @@ class ValueReport:
         v, g, pos, is_last = (torch.cat(x) for x in (self.v, self.g, self.pos, self.is_last))
         squared = (v - g) ** 2
         corr = torch.corrcoef(torch.stack([v, g]))[0, 1].item() if len(v) > 1 and v.std() > 0 else 0.0
-        by_position = {f"{a}" if a == b else f"{a}-{b}" if b < 10**9 else f"{a}+": squared[(pos >= a) & (pos <= b)].mean().item()
-                       for a, b in self.BUCKETS if ((pos >= a) & (pos <= b)).any()}
+        by_position = {}
+        for a, b in self.BUCKETS:
+            inside = (pos >= a) & (pos <= b)
+            if inside.any():
+                name = f"{a}" if a == b else f"{a}-{b}" if b < 10**9 else f"{a}+"
+                by_position[name] = squared[inside].mean().item()
         by_position["last"] = squared[is_last].mean().item()
         return {"error": squared.mean().item(), "best_constant": g.var(unbiased=False).item(), "corr": corr,
                 "spread": v.std(unbiased=False).item(), "error_by_position": by_position}
-
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def model_fingerprint(model):
-    """A few numbers of the base model's weights, enough to tell one model from another of the same width."""
-    w = model.wte.weight
-    return torch.cat([w[:4, :8].flatten(), model.norm_f.weight[:8]]).float().tolist()
-
-
-def made_by(base_model_id, model, reward_name, train_args=None):
-    """What a value checkpoint records of the job that made it: the base model (its name and a fingerprint of its
-    weights), the reward, and the training settings. A rerun of the same job may replace it; nothing else may."""
-    return {"base_model": base_model_id, "base_fingerprint": model_fingerprint(model), "reward": reward_name,
-            "train_args": train_args or {}}
-
-
-def read_made_by(path):
-    """made_by of the value checkpoint at `path` (an error if it is not one)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: checkpoint[key] for key in ("base_model", "base_fingerprint", "reward", "train_args")}
-
-
-def save_value(path, value, base_model_id, model, reward_name, train_args=None, metrics=None, control=None):
-    """Save V_phi with its architecture, d, the base model it reads and the reward it predicts (atomically);
-    `control`: the settings of E7 calibrated for it (step_size, n_steps, target, and the curve they came from)."""
-    checkpoint = {"config": asdict(value.config), "state_dict": value.state_dict(),
-                  **made_by(base_model_id, model, reward_name, train_args), "metrics": metrics or {},
-                  "control": control or {}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
-    return checkpoint
-
-
-def load_value(path, model=None, model_id=None, reward=None):
-    """(V_phi in eval mode with frozen weights, checkpoint dict). With `model` (and `reward`), check that it was
-    trained for that model's states (and to predict that reward), and put V on the model's device."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"value checkpoint {path} does not exist; train one with train_value.py")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config = ValueConfig(**checkpoint["config"])
-    except Exception as e:
-        raise ValueError(f"{path} is not a value checkpoint written by value.py ({type(e).__name__}: {e})") from None
-    trained_for = f"{checkpoint['base_model']!r} (reward {checkpoint['reward']!r})"
-    if model is not None:
-        width = model.config.n_embd
-        if width != config.n_embd:
-            raise ValueError(f"value checkpoint {path} reads states of width {config.n_embd}, trained for "
-                             f"{trained_for}, but {model_id or 'this model'} has width {width}; "
-                             "train a value function for this model with train_value.py")
-        ours = torch.tensor(model_fingerprint(model))
-        if not torch.allclose(ours, torch.tensor(checkpoint["base_fingerprint"]), atol=1e-2, rtol=1e-2):
-            raise ValueError(f"value checkpoint {path} was trained for {trained_for}, whose weights differ from "
-                             f"{model_id or 'this model'}; train a value function for this model with train_value.py")
-    if reward is not None and reward != checkpoint["reward"]:
-        raise ValueError(f"value checkpoint {path} predicts the reward {checkpoint['reward']!r}, not {reward!r}; "
-                         f"pass --reward {checkpoint['reward']}, or train a value function for {reward!r}")
-    value = ValueFunction(config)
-    value.load_state_dict(checkpoint["state_dict"])
-    value.requires_grad_(False)  # frozen at test time: E7 differentiates with respect to u only
-    if model is not None:  # on the device of the states it reads (in fp32 whatever the model's dtype)
-        value.to(model.wte.weight.device)
-    return value.eval(), checkpoint

@@ -16,9 +16,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_value  # noqa: E402
 from recontrol import learn_and_steer  # noqa: E402
-from tasks import load_model  # noqa: E402
+from worlds import load_model  # noqa: E402
 
-METHODS = {"TD(0)": dict(lam=0.0), "TD(0.5)": dict(lam=0.5), "TD(0.9)": dict(lam=0.9), "official": dict(method="official"),
+METHODS = {"TD(0)": dict(lam=0.0), "TD(0.5)": dict(lam=0.5), "TD(0.9)": dict(lam=0.9),
+           "official": dict(method="official"),
            "MC (lambda = 1)": dict(lam=1.0), "TD(0), no sg": dict(lam=0.0, stop_gradient=False),
            "TD(0.9), no sg": dict(lam=0.9, stop_gradient=False)}  # train_value.TrainingConfig fields
 DEFAULT_METHODS = ["TD(0)", "TD(0.5)", "TD(0.9)", "official", "MC (lambda = 1)"]

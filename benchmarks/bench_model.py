@@ -15,7 +15,7 @@ import torch
 from timing import apply_threads, benchmark_parser, best_time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import from_pretrained  # noqa: E402
+from plumbing.checkpoints import from_pretrained  # noqa: E402
 from generate import SamplingConfig, sample  # noqa: E402
 
 
@@ -33,7 +33,8 @@ def main(argv=None):
         ours = from_pretrained(folder, dtype=args.dtype, device=args.device)
     ref.to(dtype=ours.wte.weight.dtype, device=args.device)
     print("GPT-2 small, random weights")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} "
+          f"{'HF prefill tok/s':>17}")
     for B in args.batch_sizes:
         prompt = torch.randint(0, 50257, (B, args.prompt_tokens), device=args.device)
         n = args.new_tokens

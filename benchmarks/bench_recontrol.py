@@ -16,12 +16,13 @@ import torch
 from timing import apply_threads, benchmark_parser, best_times
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toyworld  # noqa: E402
-from formats import resolve_dtype  # noqa: E402
+from worlds import toy  # noqa: E402
+from plumbing.formats import resolve_dtype  # noqa: E402
 from model import GPT, GPTConfig, PRESETS  # noqa: E402
 from generate import SamplingConfig, sample  # noqa: E402
-from control import Controller  # noqa: E402
-from value import ValueConfig, ValueFunction, load_value  # noqa: E402
+from control import ControlConfig, Controller  # noqa: E402
+from plumbing.checkpoints import load_value  # noqa: E402
+from value import ValueConfig, ValueFunction  # noqa: E402
 
 
 def main(argv=None):
@@ -41,9 +42,9 @@ def main(argv=None):
             model, enc = GPT(GPTConfig.preset(args.preset)).to(resolve_dtype(args.dtype)).eval(), None
         prompts = torch.randint(model.config.vocab_size, (args.batch_size, args.prompt_tokens)).tolist()
     else:
-        model, enc = toyworld.base_model()
+        model, enc = toy.base_model()
         model.to(dtype=resolve_dtype(args.dtype), device=args.device)
-        prompts = [enc.encode(p) for p in toyworld.World().test_prompts()]
+        prompts = [enc.encode(p) for p in toy.World().test_prompts()]
         prompts = (prompts * (args.batch_size // len(prompts) + 1))[:args.batch_size]
     if args.value:
         value, _ = load_value(args.value, model)
@@ -55,10 +56,12 @@ def main(argv=None):
     config = SamplingConfig(max_new_tokens=args.new_tokens, eos_ids=eos_ids)
     n = args.steps[-1]
     settings = {"sampling": {}, "recording o_0..o_T": dict(record_states=True),
-                **{f"RE-Control, n = {k}": dict(edit=Controller(value, 0.1, k)) for k in args.steps},
-                f"n = {n}, autograd gradient": dict(edit=Controller(lambda o: value(o), 0.1, n))}  # a plain callable
+                **{f"RE-Control, n = {k}": dict(edit=Controller(value, ControlConfig(0.1, k))) for k in args.steps},
+                # a plain callable: the autograd path
+                f"n = {n}, autograd gradient": dict(edit=Controller(lambda o: value(o), ControlConfig(0.1, n)))}
     if args.target is not None:  # a row stops climbing once V reaches the target
-        settings[f"n = {n}, target V {args.target:g}"] = dict(edit=Controller(value, 0.1, n, target=args.target))
+        target = ControlConfig(0.1, n, target=args.target)
+        settings[f"n = {n}, target V {args.target:g}"] = dict(edit=Controller(value, target))
     tokens = {name: sum(len(t) for t in sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs).tokens)
               for name, kwargs in settings.items()}
     times = best_times({name: lambda kwargs=kwargs: sample(model, prompts, config, tokenizer=enc, seed=0, **kwargs)
@@ -69,7 +72,8 @@ def main(argv=None):
         cost = "" if name == "sampling" else f"  ({rate['sampling'] / rate[name]:.2f}x the time per token)"
         print(f"{name:>28}: {rate[name]:8.0f} tokens/s{cost}")
     if args.target is not None:
-        counted, rows = Controller(value, 0.1, n, target=args.target), []  # rows: how many states each step edits
+        counted = Controller(value, ControlConfig(0.1, n, target=args.target))
+        rows = []  # how many states each step edits
         sample(model, prompts, config, tokenizer=enc, seed=0, edit=lambda o: rows.append(o.shape[0]) or counted(o))
         print(f"{'':>28}  with the target: {int(counted.steps_taken) / sum(rows):.1f} of {n} ascent steps per token "
               "on average")

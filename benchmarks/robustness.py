@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toyworld  # noqa: E402
+from worlds import toy  # noqa: E402
 from recontrol import learn_and_steer  # noqa: E402
 
 
@@ -23,8 +23,8 @@ def run_cell(threads, seed, args):
     """Pretrain (or reuse) the base model, then the defaults end to end; every step at `threads` threads."""
     torch.set_num_threads(threads)
     out_dir = os.path.join(args.out_dir, f"threads{threads}")
-    pretrain = toyworld.PretrainConfig(seed=seed)
-    model, enc = toyworld.base_model(out_dir, pretrain_config=pretrain)
+    pretrain = toy.PretrainConfig(seed=seed)
+    model, enc = toy.base_model(out_dir, pretrain_config=pretrain)
     folder = os.path.join(out_dir, "base" if seed == 0 else f"base-seed{seed}")
     _, control, _, (base, ctrl), _ = learn_and_steer(model, enc, folder, os.path.join(out_dir, f"seed{seed}"),
                                                      seeds=args.seeds)

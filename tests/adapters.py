@@ -3,9 +3,9 @@ code differently adapts these functions; the tests stay as they are."""
 
 import torch
 
-from control import Controller
+from control import ControlConfig, Controller
 from generate import SamplingConfig, sample
-from metrics import diversity as diversity_of
+from evaluation.metrics import diversity as diversity_of
 from value import bellman_loss, lambda_returns
 
 
@@ -43,7 +43,7 @@ def loss(value, states, mask, rewards, lam, gamma=1.0):
 
 def control(value, o, step_size, n_steps, l2=0.0):
     """E7: the edit u (B, C) that n_steps of gradient ascent on V from u = 0 give for states o (B, C)."""
-    return Controller(value, step_size, n_steps, l2).control(o)
+    return Controller(value, ControlConfig(step_size, n_steps, l2)).control(o)
 
 
 def diversity(responses):

@@ -125,13 +125,13 @@ ROLLOUT_FLAGS = ["--samples-per-prompt", "4", "--max-new-tokens", "32"]
 @pytest.fixture(scope="session")
 def tiny_rollouts(tiny_world, tmp_path_factory):
     """Rollouts of the tiny base model on the training prompts (4 per prompt), collected as ROLLOUT_FLAGS say."""
-    import toyworld
+    from worlds import toy
     from generate import SamplingConfig
-    from tasks import load_model
+    from worlds import load_model
     from rollouts import collect_rollouts, rollout_job
     model, enc = load_model(tiny_world[0])
     folder = str(tmp_path_factory.mktemp("rollouts"))
-    prompts = toyworld.World().train_prompts()
-    collect_rollouts(model, enc, prompts, toyworld.reward, folder, SamplingConfig(max_new_tokens=32, samples_per_prompt=4),
+    prompts = toy.World().train_prompts()
+    collect_rollouts(model, enc, prompts, toy.reward, folder, SamplingConfig(max_new_tokens=32, samples_per_prompt=4),
                      made_by=rollout_job(model, enc, prompts, "toy", tiny_world[0]), log=lambda *a: None)
     return folder

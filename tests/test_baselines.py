@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import compare
-from baselines import (CountingReward, NextStateValueGuide, PrefixRewardGuide, SteeringEdit, rescore_top_k,
+from plumbing.rewards import CountingReward
+from evaluation.baselines import (NextStateValueRescore, PrefixRewardRescore, SteeringEdit, rescore_top_k,
                        steering_vector)
-from generate import Method, SamplingConfig, sample, sample_responses
+from evaluation.harness import Method, sample_responses
+from generate import SamplingConfig, sample
 from model import GPT, GPTConfig
 from value import ValueConfig, ValueFunction
 
@@ -41,8 +43,8 @@ def test_every_baseline_at_strength_zero_is_exactly_the_base_model(model):
     base = sample(model, PROMPTS, SamplingConfig(max_new_tokens=10, eos_ids=[]), seed=3)
     value = ValueFunction(ValueConfig(n_embd=16)).requires_grad_(False)
     hooks = [dict(edit=SteeringEdit(torch.ones(16), 0.0)),
-             dict(rescore=PrefixRewardGuide(count_a, Letters(), ["x"] * 3, k=5, weight=0.0)),
-             dict(rescore=NextStateValueGuide(model, value, k=5, weight=0.0))]
+             dict(rescore=PrefixRewardRescore(count_a, Letters(), ["x"] * 3, k=5, weight=0.0)),
+             dict(rescore=NextStateValueRescore(model, value, k=5, weight=0.0))]
     for hook in hooks:
         assert sample(model, PROMPTS, SamplingConfig(max_new_tokens=10, eos_ids=[]), seed=3, **hook).tokens == base.tokens
 
@@ -68,7 +70,7 @@ def test_best_of_one_and_no_instruction_are_the_base_model_and_best_of_n_keeps_t
 
 def test_prefix_reward_guide_steers_and_counts_its_calls(model):
     counting = CountingReward(count_a)
-    guide = PrefixRewardGuide(counting, Letters(), ["x", "y", "z"], k=40, weight=100.0)
+    guide = PrefixRewardRescore(counting, Letters(), ["x", "y", "z"], k=40, weight=100.0)
     out = sample(model, PROMPTS, SamplingConfig(max_new_tokens=6, eos_ids=[]), seed=0, rescore=guide)
     assert all(set(Letters().decode(t)) == {"a"} for t in out.tokens)  # token 0 or 26 each time
     assert counting.calls == 3 * 40 * 6  # rows x candidates x steps
@@ -78,7 +80,7 @@ def test_next_state_value_guide_leaves_the_cache_untouched(model):
     # weight tiny but not 0: every candidate is looked ahead through the cache, yet nothing changes
     value = ValueFunction(ValueConfig(n_embd=16)).requires_grad_(False)
     base = sample(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]))
-    guided = sample(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]), rescore=NextStateValueGuide(model, value, k=40, weight=1e-30))
+    guided = sample(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0, eos_ids=[]), rescore=NextStateValueRescore(model, value, k=40, weight=1e-30))
     assert guided.tokens == base.tokens
 
 
@@ -87,7 +89,7 @@ def test_next_state_value_guide_prefers_the_token_whose_next_state_is_valued(mod
         def __call__(self, o):
             target = model.states(torch.tensor([[7]]))[0, -1]
             return -((o - target) ** 2).sum(-1)
-    out = sample(model, [[7]], SamplingConfig(max_new_tokens=5, temperature=0, eos_ids=[]), rescore=NextStateValueGuide(model, PrefersToken7(), k=40, weight=1e4))
+    out = sample(model, [[7]], SamplingConfig(max_new_tokens=5, temperature=0, eos_ids=[]), rescore=NextStateValueRescore(model, PrefersToken7(), k=40, weight=1e4))
     assert out.tokens[0][0] == 7
 
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_gpt2, tiny_llama
-from checkpoints import from_pretrained, write_atomically
+from plumbing.checkpoints import from_pretrained
+from plumbing.files import write_atomically
 
 @pytest.mark.parametrize("zip_format", [True, False])  # False: the pre-1.6 format of the original GPT-2 files
 def test_legacy_gpt2_bin_layout_loads(zip_format, tmp_path, tokens):

@@ -12,12 +12,12 @@ import torch
 import compare
 import generate
 import train_value
-from checkpoints import save_pretrained
-from cli import run_cli
+from plumbing.checkpoints import save_pretrained
+from plumbing.cli import run_cli
 from conftest import FIXTURES
 from model import GPT, GPTConfig
-from tokenizer import save_tokenizer
-import toyworld
+from plumbing.tokenizer import save_tokenizer
+from worlds import toy
 
 
 def run(module, argv, capsys):
@@ -58,7 +58,7 @@ def inputs(tmp_path_factory):
         f.write('{"prompt": "bob reviews the drone :"}\n')
     torch.manual_seed(5)  # a model of the same width that V was not trained for
     save_pretrained(GPT(GPTConfig(vocab_size=400, block_size=48, n_layer=1, n_head=2, n_embd=64)), str(d / "other"))
-    save_tokenizer(toyworld.encoding(), str(d / "other"))
+    save_tokenizer(toy.encoding(), str(d / "other"))
     return d
 
 
@@ -81,10 +81,9 @@ CASES = [  # (case, script, argv, exit code, what the message must say)
     ("top-k 0", generate, gen("--top-k", "0"), 2, "--top-k must be a whole number >= 1, got 0"),
     ("no samples", generate, gen("--samples-per-prompt", "0"), 2, "--samples-per-prompt must be a whole number >= 1"),
     ("NaN step size", generate, gen("--value", "{value}", "--step-size", "nan"), 2,
-     "the step size (--step-size) must be a number >= 0, got nan"),
+     "--step-size must be a number >= 0, got nan"),
     ("unknown dtype", generate, gen("--dtype", "int8"), 2, "unsupported dtype 'int8'"),
     ("cuda without a GPU", generate, gen("--device", "cuda"), 2, "--device cuda: torch sees 0 CUDA devices here"),
-    ("sweep without V", generate, gen("--sweep", "8"), 2, "--sweep needs --value"),
     ("--out is the prompt file", generate, gen("--prompts", "{d}/prompts.txt", "--out", "{d}/prompts.txt"), 2,
      "is also the prompt file; write the output to another file"),
     ("--out is someone else's file", generate, gen("--out", "{d}/notes.txt"), 2,
@@ -112,7 +111,7 @@ CASES = [  # (case, script, argv, exit code, what the message must say)
     ("response longer than the context", generate, gen("--max-new-tokens", "60"), 1,
      "exceeds the model's context of 48"),
     ("best-of 0", compare, gen("--value", "{value}", "--best-of", "0"), 2, "--best-of must be a whole number >= 1, got 0"),
-    ("NaN in the sweep", compare, gen("--value", "{value}", "--sweep-alphas", "1", "nan"), 2, "(--step-size) must be a number >= 0, got nan"),
+    ("NaN in the sweep", compare, gen("--value", "{value}", "--sweep-alphas", "1", "nan"), 2, "--sweep-alphas must be numbers >= 0"),
     ("unknown activation", train_value, train("--activation", "swish"), 2, "--activation 'swish' is unknown"),
     ("no epochs", train_value, train("--epochs", "0"), 2, "--epochs must be a whole number >= 1, got 0"),
     ("gamma NaN", train_value, train("--gamma", "nan"), 2, "--gamma must be in (0, 1], got nan"),
@@ -141,10 +140,10 @@ def test_bad_input(case, script, argv, code, message, inputs, capsys):
 def test_ctrl_c_is_one_line_and_exit_code_130(inputs, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_value, "load_prompts", interrupt)
+    monkeypatch.setattr(train_value.worlds, "load_prompts", interrupt)
     assert run(train_value, train()(inputs), capsys) == (130, "interrupted; rerun the same command to resume: the "
                                                               "rollout shards written so far are kept\n")
-    monkeypatch.setattr(generate, "load_prompts", interrupt)
+    monkeypatch.setattr(generate.worlds, "load_prompts", interrupt)
     assert run(generate, gen()(inputs), capsys) == (130, "interrupted; nothing was written\n")
 
 
@@ -186,7 +185,7 @@ def test_generations_record_what_made_them_and_are_replaced_only_by_the_same_run
 
 def test_help_shows_the_defaults(capsys):
     code, printed = run(generate, ["--help"], capsys)
-    assert code == 0 and "sampling temperature (0: greedy) (default: 1.0)" in " ".join(printed.split())
+    assert code == 0 and "tau of E2 (0: greedy) (default: 1.0)" in " ".join(printed.split())
     code, printed = run(train_value, ["--help"], capsys)
     printed = " ".join(printed.split())
     assert code == 0 and "(default: 100)" in printed and "(default: out/toyworld/value.pt)" in printed
@@ -209,7 +208,7 @@ def test_nothing_in_the_project_points_outside_it():
 
 
 def test_the_steering_vector_with_few_distinct_rewards():
-    from baselines import steering_vector
+    from evaluation.baselines import steering_vector
 
     class Rollouts:  # rewards 0, 1, 1, 1: the median is the largest value
         def trajectories(self, prompt_ids, rng):

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-import assignment
+from course import assignment
 
 
 def run_exercise_tests(folder):

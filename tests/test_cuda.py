@@ -11,7 +11,7 @@ import compare
 import generate
 import train_value
 from conftest import FIXTURES, random_model
-from control import Controller
+from control import ControlConfig, Controller
 from generate import SamplingConfig, sample
 from value import ValueConfig, ValueFunction
 
@@ -47,11 +47,11 @@ def test_the_control_runs_in_fp32_on_a_bf16_model():
         seen.append((o.dtype, o.device.type))
         return value(o)
 
-    controller = Controller(spy, step_size=0.5, n_steps=3)
+    controller = Controller(spy, ControlConfig(step_size=0.5, n_steps=3))
     out = sample(model, PROMPTS, SamplingConfig(max_new_tokens=4, eos_ids=[]), seed=0, edit=controller)
     assert len(out.tokens) == 3 and set(seen) == {(torch.float32, "cuda")}
     o = torch.randn(2, model.config.n_embd, device="cuda", dtype=torch.bfloat16)
-    assert Controller(value, 0.5, 3)(o).dtype == torch.bfloat16  # the head reads o + u in the model's dtype
+    assert Controller(value, ControlConfig(0.5, 3))(o).dtype == torch.bfloat16  # the head reads o + u in the model's dtype
 
 
 def test_every_tool_runs_on_the_gpu_in_bf16(tmp_path):

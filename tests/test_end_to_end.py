@@ -8,14 +8,15 @@ import shutil
 import pytest
 import torch
 
+import compare
 import generate
-import tasks
-import toyworld
-from checkpoints import from_pretrained
+import worlds
 from conftest import ROLLOUT_FLAGS
 from generate import SamplingConfig
+from plumbing.checkpoints import from_pretrained
+from plumbing.prompts import hh_prompt
 from rollouts import Rollouts, collect_rollouts
-from tasks import hh_prompt, load_prompts, load_reward
+from worlds import load_prompts, load_reward, toy
 
 
 def assert_the_default_value_steers(folder, value, tmp_path):
@@ -63,10 +64,10 @@ def test_the_step_size_is_calibrated_on_held_out_training_prompts_only(tiny_worl
         raise AssertionError("the test prompts were read")
 
     monkeypatch.setattr(train_value, "calibrate_control", spy)
-    monkeypatch.setattr(toyworld.World, "test_prompts", never)
+    monkeypatch.setattr(toy.World, "test_prompts", never)
     train_value.main(["--model", folder, "--out", str(tmp_path / "v.pt"), "--rollouts", tiny_rollouts,
                       *ROLLOUT_FLAGS, "--epochs", "1"])  # the fixture's rollouts, reused: same settings
-    train = toyworld.World().train_prompts()
+    train = toy.World().train_prompts()
     assert seen and set(seen) < set(train) and len(set(seen)) == round(0.1 * len(train))
     assert torch.load(tmp_path / "v.pt", weights_only=True)["control"]["radius"] == 0.5
 
@@ -74,18 +75,18 @@ def test_the_step_size_is_calibrated_on_held_out_training_prompts_only(tiny_worl
 def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):
     folder, _ = tiny_world
     model = from_pretrained(folder)
-    enc = toyworld.encoding()
-    prompts = toyworld.World().train_prompts()[:6]
+    enc = toy.encoding()
+    prompts = toy.World().train_prompts()[:6]
     kwargs = dict(config=SamplingConfig(max_new_tokens=16, samples_per_prompt=3, batch_size=5), shard_size=7, seed=1,
                   log=lambda *a: None)
-    collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **kwargs)
+    collect_rollouts(model, enc, prompts, toy.reward, str(tmp_path / "r"), **kwargs)
     shards = sorted((tmp_path / "r").glob("shard_*.pt"))
     assert len(shards) == 3  # 18 responses in shards of 7
     first = torch.load(shards[1], weights_only=True)
     os.remove(shards[1])
     with pytest.raises(FileNotFoundError, match="rollout shards are missing"):
         Rollouts(str(tmp_path / "r"))
-    collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **kwargs)  # resumes
+    collect_rollouts(model, enc, prompts, toy.reward, str(tmp_path / "r"), **kwargs)  # resumes
     again = torch.load(shards[1], weights_only=True)
     assert again["texts"] == first["texts"] and torch.equal(again["states"], first["states"])
     assert again["states"].dtype == torch.float16
@@ -94,24 +95,24 @@ def test_rollouts_resume_and_refuse_other_settings(tiny_world, tmp_path):
     states, mask, rewards = batches[0]
     assert states.shape[:2] == mask.shape and mask[:, 0].all()
     with pytest.raises(ValueError, match=r"holds rollouts made with other settings \(seed: 1 -> 2\); pass --overwrite"):
-        collect_rollouts(model, enc, prompts, toyworld.reward, str(tmp_path / "r"), **dict(kwargs, seed=2))
+        collect_rollouts(model, enc, prompts, toy.reward, str(tmp_path / "r"), **dict(kwargs, seed=2))
 
 
 def test_toy_grammar_and_reward():
-    assert toyworld.is_grammatical(" the price is not very good . i would recommend it .")
-    assert toyworld.is_grammatical(" i do not hate the battery .")
-    assert not toyworld.is_grammatical(" the price is good good .")
-    assert not toyworld.is_grammatical(" the price is good")
-    assert not toyworld.is_grammatical(" reviews the screen is great .")
-    assert not toyworld.is_grammatical(" a . b . c . d .")
-    r = toyworld.reward(None, [" the price is not bad .", " i hate the sound . the build is great .", " ."])
+    assert toy.is_grammatical(" the price is not very good . i would recommend it .")
+    assert toy.is_grammatical(" i do not hate the battery .")
+    assert not toy.is_grammatical(" the price is good good .")
+    assert not toy.is_grammatical(" the price is good")
+    assert not toy.is_grammatical(" reviews the screen is great .")
+    assert not toy.is_grammatical(" a . b . c . d .")
+    r = toy.reward(None, [" the price is not bad .", " i hate the sound . the build is great .", " ."])
     assert r.tolist() == [1.0, 0.0, 0.0]
-    world = toyworld.World()
+    world = toy.World()
     assert not set(world.train_prompts()) & set(world.test_prompts()) and len(world.test_prompts()) == 30
     rng = __import__("random").Random(0)
     samples = [world.sample_response("ann", "drone", rng) for _ in range(200)]
-    assert all(toyworld.is_grammatical(s) for s in samples)
-    enc = toyworld.encoding()
+    assert all(toy.is_grammatical(s) for s in samples)
+    enc = toy.encoding()
     assert len(enc.encode(" the price is great .")) == 5 and enc.decode(enc.encode(samples[0])) == samples[0]
 
 
@@ -137,9 +138,9 @@ def test_prompt_files(tmp_path):
 def test_rewards(tmp_path):
     sentiment = load_reward("sentiment")
     assert sentiment(["", ""], ["What a wonderful, lovely day.", "This is not good at all."]).tolist() == [1.0, -1.0]
-    assert load_reward("toyworld:reward").function is toyworld.reward
-    with pytest.raises(ValueError, match="cannot import nothing from toyworld"):
-        load_reward("toyworld:nothing")
+    assert load_reward("worlds.toy:reward").function is toy.reward
+    with pytest.raises(ValueError, match="cannot import nothing from worlds.toy"):
+        load_reward("worlds.toy:nothing")
 
 
 def test_reward_model_through_model_py(tmp_path):
@@ -177,10 +178,10 @@ def test_several_values_share_one_run_of_the_base_model(tiny_world, tmp_path):
 
 
 def test_dtype_applies_to_the_toy_world_too(tiny_world, monkeypatch):
-    from tokenizer import load_tokenizer
+    from plumbing.tokenizer import load_tokenizer
     folder, _ = tiny_world
-    monkeypatch.setattr(toyworld, "load_variant", lambda spec, log: (from_pretrained(folder), load_tokenizer(folder)))
-    model, _ = tasks.load_model("toy", dtype="bfloat16")
+    monkeypatch.setattr(toy, "load_variant", lambda spec, log: (from_pretrained(folder), load_tokenizer(folder)))
+    model, _ = worlds.load_model("toy", dtype="bfloat16")
     assert model.wte.weight.dtype == torch.bfloat16
 
 

@@ -6,10 +6,10 @@ import struct
 import pytest
 import torch
 
-from checkpoints import from_pretrained
+from plumbing.checkpoints import from_pretrained
 from conftest import tiny_llama
 from test_checkpoints import halves_to_meta
-from tokenizer import read_llama2c_tokenizer
+from plumbing.tokenizer import read_llama2c_tokenizer
 
 
 def write_llama2c_bin(path, ref, version, shared):

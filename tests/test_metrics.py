@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import metrics
+from evaluation import metrics
 from generate import SamplingConfig, kl_divergence, sample
 from model import GPT, GPTConfig
 

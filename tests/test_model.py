@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_falcon, tiny_gpt2, tiny_llama
-from checkpoints import from_pretrained
+from plumbing.checkpoints import from_pretrained
 from generate import SamplingConfig, sample
 from model import GPTConfig
 

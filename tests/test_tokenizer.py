@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_TEXTS as TEXTS, train_gpt2_files
-from tokenizer import byte_encoding, end_of_sequence_ids, load_tokenizer, save_tokenizer
+from plumbing.tokenizer import byte_encoding, end_of_sequence_ids, load_tokenizer, save_tokenizer
 
 def test_gpt2_format_matches_transformers(tmp_path):
     from transformers import GPT2Tokenizer
@@ -219,7 +219,8 @@ def test_sentencepiece_model_file_encodes_as_sentencepiece(tmp_path):
 def test_stop_strings_cut_where_reading_the_whole_text_at_every_step_would(kind, stops, tmp_path):
     # only rows whose new token can complete a stop string are read, and only their newest tokens: the cuts must
     # be those of reading each whole response at every step (cut_at_stop on the uncut response)
-    from generate import SamplingConfig, cut_at_stop, sample
+    from generate import SamplingConfig, sample
+    from plumbing.stop_strings import cut_at_stop
     from model import GPT, GPTConfig
     enc = make_tokenizer(kind, tmp_path)
     torch.manual_seed(0)

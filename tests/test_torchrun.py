@@ -20,8 +20,9 @@ TRAIN = ["--model", os.path.join(FIXTURES, "base"), "--samples-per-prompt", "4",
 
 
 @pytest.mark.parametrize("method, batch", [("td", 7), ("official", 7), ("td", 2)])
-def test_the_parts_of_a_batch_average_to_its_loss_and_gradient(method, batch):
-    from train_value import loss_of_part
+def test_the_parts_of_a_batch_average_to_its_loss_and_gradient(method, batch, monkeypatch):
+    from plumbing import parallel
+    from train_value import counted_terms
     from value import ValueConfig, ValueFunction, bellman_loss
     torch.manual_seed(0)
     value = ValueFunction(ValueConfig(n_embd=8))
@@ -34,15 +35,20 @@ def test_the_parts_of_a_batch_average_to_its_loss_and_gradient(method, batch):
 
     whole = loss_and_gradient(bellman_loss(value, states, mask, rewards, *settings))
     n_parts = 3  # with 2 responses, the third process has none and joins with zeros
-    parts = [loss_and_gradient(loss_of_part(value, states, mask, rewards, slice(r, None, n_parts), n_parts, *settings))
-             for r in range(n_parts)]
+    parts = []
+    for r in range(n_parts):  # what each of n_parts processes computes
+        monkeypatch.setattr(parallel, "rank", lambda r=r: r)
+        monkeypatch.setattr(parallel, "world_size", lambda: n_parts)
+        parts.append(loss_and_gradient(parallel.split_loss(
+            value, lambda v, s, m, r: bellman_loss(v, s, m, r, *settings), states, mask, rewards,
+            counted_terms(method))))
     assert abs(sum(loss for loss, _ in parts) / n_parts - whole[0]) < 1e-6
     torch.testing.assert_close(sum(g for _, g in parts) / n_parts, whole[1], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_jobs, batch_size, world", [(10, 3, 3), (10, 3, 2), (4, 8, 3), (7, 1, 4)])
 def test_batches_dealt_out_come_back_in_order(n_jobs, batch_size, world, monkeypatch):
-    import parallel
+    from plumbing import parallel
     dealt = {}
     for r in range(world):  # each process runs its own batches
         monkeypatch.setattr(parallel, "rank", lambda r=r: r)
@@ -85,9 +91,9 @@ def assert_same_shards(a, b):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="two processes on two GPUs (nccl) need 2 CUDA devices"))])
 def test_two_processes_equal_one(device, tmp_path):
-    import toyworld
+    from worlds import toy
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(toyworld.World().train_prompts()[:20]) + "\n")
+    prompts.write_text("\n".join(toy.World().train_prompts()[:20]) + "\n")
     train = TRAIN + ["--prompts", str(prompts), "--device", device]
     values = {}
     for n in (1, 2):

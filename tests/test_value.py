@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from value import (ValueConfig, ValueFunction, ValueReport, bellman_loss, lambda_returns, load_value,
-                   save_value)
+from plumbing.checkpoints import load_value, save_value, value_provenance
+from value import ValueConfig, ValueFunction, ValueReport, bellman_loss, lambda_returns
 
 # Gambler's ruin on positions 0..4, start at 2, +-1 with probability 1/2, stop at 0 (R = -1) or 4 (R = +1).
 # The true value of position k is (k - 2) / 2. States are one-hot; responses have many different lengths.
@@ -159,7 +159,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = tiny_gpt()
     value = ValueFunction(ValueConfig(n_embd=32, n_hidden=3, width=20, activation="tanh"))
     path = tmp_path / "v.pt"
-    save_value(str(path), value, "tiny", model, "toy", train_args={"lr": 1e-3})
+    save_value(str(path), value, value_provenance("tiny", model, "toy", train_args={"lr": 1e-3}))
     loaded, checkpoint = load_value(str(path), model)
     assert loaded.config == value.config and checkpoint["reward"] == "toy" and checkpoint["base_model"] == "tiny"
     assert checkpoint["train_args"] == {"lr": 1e-3}
@@ -170,13 +170,14 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_for_another_width_is_a_clear_error(tmp_path):
-    save_value(str(tmp_path / "v.pt"), ValueFunction(ValueConfig(n_embd=32)), "tiny", tiny_gpt(), "toy")
+    save_value(str(tmp_path / "v.pt"), ValueFunction(ValueConfig(n_embd=32)), value_provenance("tiny", tiny_gpt(), "toy"))
     with pytest.raises(ValueError, match=r"reads states of width 32.*'tiny'.*has width 48"):
         load_value(str(tmp_path / "v.pt"), tiny_gpt(n_embd=48), "other")
 
 
 def test_checkpoint_for_another_model_of_the_same_width_is_a_clear_error(tmp_path):
-    save_value(str(tmp_path / "v.pt"), ValueFunction(ValueConfig(n_embd=32)), "tiny", tiny_gpt(seed=0), "toy")
+    save_value(str(tmp_path / "v.pt"), ValueFunction(ValueConfig(n_embd=32)),
+               value_provenance("tiny", tiny_gpt(seed=0), "toy"))
     with pytest.raises(ValueError, match="whose weights differ from other"):
         load_value(str(tmp_path / "v.pt"), tiny_gpt(seed=1), "other")
 

@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from checkpoints import from_pretrained, save_pretrained, write_text_atomically
 from model import GPT, GPTConfig
-from tokenizer import byte_encoding, load_tokenizer, save_tokenizer
+from plumbing.checkpoints import from_pretrained, save_pretrained
+from plumbing.files import write_text_atomically
+from plumbing.rewards import lexicon_sentiment
+from plumbing.tokenizer import byte_encoding, load_tokenizer, save_tokenizer
 
 # -----------------------------------------------------------------------------
 # the language
@@ -81,9 +83,9 @@ class World:
         return 1 / (1 + math.exp(-(self.quality[product] + self.mood[name])))
 
     def sample_response(self, name, product, rng):
-        """A response from the grammar: a few sentences (config.sentences). The review is positive with the prompt's positive rate,
-        and each sentence follows the review's polarity with probability `coherence` (reviews are coherent, so
-        the model must carry "how the review is going" in its state)."""
+        """A response from the grammar: a few sentences (config.sentences). The review is positive with the
+        prompt's positive rate, and each sentence follows the review's polarity with probability `coherence`
+        (reviews are coherent, so the model must carry "how the review is going" in its state)."""
         review_good = rng.random() < self.positive_rate(name, product)
         sentences = []
         for _ in range(rng.choices(self.config.sentences, weights=self.config.sentence_weights)[0]):
@@ -115,24 +117,6 @@ def encoding():
 # the reward (E4) and the exact grammar check
 
 
-def lexicon_sentiment(text, positive, negative, negators=("not",)):
-    """Mean polarity of the sentiment words in `text`, each flipped by a negator earlier in its sentence.
-
-    In [-1, 1]; 0 when the text has no sentiment word. Works on any text, grammatical or not.
-    """
-    total, count = 0, 0
-    for sentence in text.lower().replace("!", ".").replace("?", ".").split("."):
-        negated = False
-        for word in sentence.replace(",", " ").split():
-            if word in negators or word.endswith("n't"):
-                negated = not negated
-            polarity = (word in positive) - (word in negative)
-            if polarity:
-                total += -polarity if negated else polarity
-                count += 1
-    return total / count if count else 0.0
-
-
 def reward(prompts, responses):
     """The toy world's R: the sentiment of each response, a tensor (N,) in [-1, 1]."""
     return torch.tensor([lexicon_sentiment(r, POSITIVE, NEGATIVE) for r in responses])
@@ -143,7 +127,8 @@ def _is_sentence(w):
         rest = w[3:]
         rest = rest[1:] if rest[:1] == ["not"] else rest
         rest = rest[1:] if rest[:1] and rest[0] in INTENSIFIERS else rest
-        return len(rest) == 1 and rest[0] in POSITIVE | NEGATIVE and rest[0] not in GOOD_VERBS + BAD_VERBS + ["recommend"]
+        adjectives = (POSITIVE | NEGATIVE) - set(GOOD_VERBS + BAD_VERBS + ["recommend"])
+        return len(rest) == 1 and rest[0] in adjectives
     if w[:2] == ["i", "would"]:
         return w[2:] in (["recommend", "it"], ["not", "recommend", "it"])
     if w[:1] == ["i"]:

@@ -9,8 +9,8 @@ one process produces alone.
 
 Why whole batches, and not prompts, are dealt out: a batch that runs in another process is the same batch (the same
 rows, the same padding), so its numbers are the same to the last bit on the same kind of device and thread count;
-and every response draws its random numbers from its own seed (generate.row_seeds), never from its batch's or its
-process's. Without torchrun (no WORLD_SIZE) every function here is the one-process identity.
+and every response draws its random numbers from its own seed (generate.row_seeds), never from its batch's or
+its process's. Without torchrun (no WORLD_SIZE) every function here is the one-process identity.
 """
 
 import atexit
@@ -93,6 +93,18 @@ def total(x):
         summed = summed.cuda()
     dist.all_reduce(summed)
     return summed.item()
+
+
+def split_loss(module, loss_fn, states, mask, rewards, terms):
+    """loss_fn(module, states, mask, rewards) on this process's rows of the batch (every N-th), weighted by their
+    share of the batch's terms(mask) (what the loss averages over) times N: the mean of the N processes' losses,
+    and of their gradients (what DistributedDataParallel averages), is the loss of the whole batch. In one
+    process, the loss of the whole batch."""
+    part = slice(rank(), None, world_size())
+    share = terms(mask[part]) / terms(mask)
+    if not share:  # no row of this (short, last) batch here: the process still joins the average, with zeros
+        return module(states[:1]).sum() * 0
+    return loss_fn(module, states[part], mask[part], rewards[part]) * (share * world_size())
 
 
 def data_parallel(module):

@@ -1,6 +1,6 @@
 """
-The paper's baselines (docs/method.md, E8), each a plug-in for the one sampling loop of generate.sample, so that every
-method runs with the same prompts, the same reward and the same code path:
+The paper's baselines (docs/method.md, E8), each a plug-in for the one sampling loop of generate.sample, so that
+every method runs with the same prompts, the same reward and the same code path:
 
 - prompting: an instruction prepended to the prompt (no plug-in: the prompt changes);
 - static representation editing (ITI-style): one fixed vector added to o_t at every step, the mean difference
@@ -16,16 +16,7 @@ import random
 
 import torch
 
-
-class CountingReward:
-    """A reward function that counts how many responses it scored: the real cost of reward-guided methods."""
-
-    def __init__(self, reward_fn):
-        self.reward_fn, self.calls = reward_fn, 0
-
-    def __call__(self, prompts, responses):
-        self.calls += len(responses)
-        return self.reward_fn(prompts, responses)
+from plumbing.rewards import CountingReward
 
 
 @torch.no_grad()
@@ -73,11 +64,17 @@ def rescore_top_k(logits, k, weight, scores_of):
     return rescored.scatter(1, top.indices, top.values + weight * scores.to(logits.dtype))
 
 
-class PrefixRewardGuide:
+class PrefixRewardRescore:
     """ARGS-style: the reward of prompt + (response so far + candidate token) scores each candidate."""
 
     def __init__(self, reward_fn, tokenizer, prompts, k=10, weight=1.0):
-        self.reward_fn, self.tokenizer, self.prompts, self.k, self.weight = reward_fn, tokenizer, prompts, k, weight
+        self.reward_fn = CountingReward(reward_fn)
+        self.tokenizer, self.prompts, self.k, self.weight = tokenizer, prompts, k, weight
+
+    @property
+    def calls(self):
+        """Responses the reward scored for this hook: its cost."""
+        return self.reward_fn.calls
 
     def __call__(self, logits, tokens, cache):
         def scores_of(candidates):  # (B, k) token ids -> (B, k) rewards
@@ -89,7 +86,7 @@ class PrefixRewardGuide:
         return rescore_top_k(logits, self.k, self.weight, scores_of)
 
 
-class NextStateValueGuide:
+class NextStateValueRescore:
     """Controlled decoding with the learned value: V(o_{t+1}) of the state each candidate token leads to.
 
     Every candidate costs a one-token forward pass. It is written into the cache slot that the chosen token

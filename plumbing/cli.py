@@ -1,8 +1,9 @@
 """
 The command line the scripts share: the flags that name a task, a way of sampling and a control; their checks
 before any work; one-line errors and exit codes. Each group of flags fills a dataclass of the file that uses it
-(generate.SamplingConfig, control.ControlConfig, train_value.TrainingConfig ...), whose own checks say what is wrong
-with a value; the scripts build those from the flags, the tests build them directly.
+(generate.SamplingConfig, control.ControlConfig, train_value.TrainingConfig ...): a flag's help is its field's
+documentation (field metadata "help"), and the dataclass's own checks say what is wrong with a value in terms of
+its fields, which this layer names as flags. The scripts build the dataclasses from flags, the tests directly.
 
 Exit codes: 0 done; 1 the run could not produce its output (nothing written); 2 a bad flag (nothing done);
 130 interrupted with Ctrl-C.
@@ -13,31 +14,57 @@ import math
 import os
 import sys
 import typing
-from dataclasses import fields
+from dataclasses import field, fields
 
 
-def add_config_arguments(parser, config, helps, flags=None):
-    """One flag per field of the dataclass instance `config`, its default the field's: --field-name, or the name
-    flags[field] gives (None: no flag). helps[field] says what it does. config_from_args builds the dataclass back."""
+def setting(default, doc, flag=None):
+    """A dataclass field whose documentation travels with it: --help reads it (add_config_arguments); `flag`
+    names its flag when it is not --field-name."""
+    return field(default=default, metadata={"help": doc, **({"flag": flag} if flag else {})})
+
+
+def flag_of(f):
+    """The flag of a dataclass field: --field-name, or the name its metadata "flag" gives (None: no flag)."""
+    flag = f.metadata.get("flag", f.name.replace("_", "-"))
+    return None if flag is None else f"--{flag}"
+
+
+def add_config_arguments(parser, config):
+    """One flag per field of the dataclass instance `config` (flag_of), its default the field's, its help the
+    field's own documentation. config_from_args builds the dataclass back."""
     for f in fields(config):
-        flag = (flags or {}).get(f.name, f.name.replace("_", "-"))
-        if flag is None:
+        if flag_of(f) is None or "help" not in f.metadata:
             continue
-        default = getattr(config, f.name)
+        default, help_text = getattr(config, f.name), f.metadata["help"]
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # float | None -> float
         if kind is bool:  # --flag and --no-flag
-            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default,
-                                help=helps[f.name])
+            parser.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif kind is tuple:  # any number of values
-            parser.add_argument(f"--{flag}", nargs="*", default=default, help=helps[f.name])
+            parser.add_argument(flag_of(f), nargs="*", default=default, help=help_text)
         else:
-            parser.add_argument(f"--{flag}", type=kind, default=default, help=helps[f.name])
+            parser.add_argument(flag_of(f), type=kind, default=default, help=help_text)
 
 
-def config_from_args(cls, args, flags=None):
-    """The dataclass `cls` from the flags add_config_arguments made for it."""
-    names = {f.name: (flags or {}).get(f.name, f.name.replace("_", "-")) for f in fields(cls)}
-    return cls(**{name: getattr(args, flag.replace("-", "_")) for name, flag in names.items() if flag is not None})
+def config_from_args(cls, args, **given):
+    """The dataclass `cls` from the flags add_config_arguments made for it (and the fields `given` here); its
+    complaints name the flags."""
+    values = {f.name: getattr(args, flag_of(f)[2:].replace("-", "_")) for f in fields(cls)
+              if flag_of(f) is not None and "help" in f.metadata}
+    return in_flags(cls, lambda: cls(**values, **given))
+
+
+def in_flags(cls, build):
+    """build(), with a ValueError about the fields of the dataclass `cls` told in terms of their flags: each
+    problem ("; "-separated) that begins with a field's name begins with its flag instead."""
+    try:
+        return build()
+    except ValueError as e:
+        flags = {f.name: flag_of(f) for f in fields(cls) if flag_of(f) is not None}
+        problems = []
+        for problem in str(e).split("; "):
+            name, _, rest = problem.partition(" ")
+            problems.append(f"{flags[name]} {rest}" if name in flags else problem)
+        raise ValueError("; ".join(problems)) from None
 
 
 def require(*rules):
@@ -87,17 +114,8 @@ def checked(parser, build):
         parser.error(str(e))
 
 
-def script_parser(doc, prompts, sampling):
-    """The parser of a script that samples a model on a task: its docstring as the description, the task's flags
-    (`prompts`: the default prompt set) and the sampling flags with the SamplingConfig `sampling` as defaults."""
-    parser = new_parser(doc)
-    add_task_arguments(parser, prompts)
-    add_sampling_arguments(parser, sampling)
-    return parser
-
-
 def add_task_arguments(parser, prompts="toy-test"):
-    """What model, which prompts, which reward (tasks.py reads them)."""
+    """What model, which prompts, which reward (worlds/ reads them)."""
     parser.add_argument("--model", default="toy",
                         help="toy (the embedded default), toy-long, toy@SEED, or a model folder / hub name")
     parser.add_argument("--prompts", default=prompts, help=f"{prompts}, or a .txt / .jsonl / HH-RLHF .jsonl.gz file")
@@ -110,41 +128,11 @@ def add_task_arguments(parser, prompts="toy-test"):
 
 
 def add_device_arguments(parser):
-    """Where the model runs and in which dtype (tasks.check_task_flags checks them)."""
+    """Where the model runs and in which dtype (checkpoints.check_dtype_and_device checks them)."""
     parser.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16 (default: as stored)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, ... (default: cpu; under torchrun with cuda, each process takes the GPU of "
                              "its LOCAL_RANK)")
-
-
-SAMPLING_HELP = {"max_new_tokens": "longest response (default: what the context leaves after the longest prompt, "
-                                   "<= 128)",
-                 "temperature": "sampling temperature (0: greedy)", "top_k": "keep the k most likely tokens",
-                 "top_p": "keep the nucleus of probability p",
-                 "stop": "stop strings that end a response (e.g. 'Human:')",
-                 "samples_per_prompt": "responses per prompt", "batch_size": "responses sampled together"}
-SAMPLING_FLAGS = {"eos_ids": None}  # named with --eos, as tokens; made ids once the tokenizer is loaded
-
-
-def add_sampling_arguments(parser, config):
-    """The fields of generate.SamplingConfig, with `config`'s values as defaults; --eos names its end tokens."""
-    add_config_arguments(parser, config, SAMPLING_HELP, SAMPLING_FLAGS)
-    parser.add_argument("--eos", nargs="+", default=None,
-                        help="tokens that end a response, by text ('</s>', '<s>' for TinyStories) or id (default: the "
-                             "checkpoint's end-of-sequence tokens, else the tokenizer's)")
-
-
-def add_control_arguments(parser):
-    """The settings of E7 (control.ControlConfig); each defaults to the one calibrated and stored with V."""
-    parser.add_argument("--step-size", type=float, default=None,
-                        help="alpha of E7 (default: the one train_value.py calibrated and stored with V, else 0.5)")
-    parser.add_argument("--n-steps", type=int, default=None,
-                        help="gradient steps n of E7 per token (default: as calibrated with V, else 30)")
-    parser.add_argument("--target", default="auto",
-                        help="stop the ascent once V reaches this value: a number, 'none', or 'auto' (stored with V)")
-    parser.add_argument("--l2", type=float, default=0.0, help="lambda of E4/E7, the penalty on ||u||^2")
-    parser.add_argument("--radius", type=float, default=None,
-                        help="keep ||u|| <= radius * ||o_t|| (default: as calibrated with V; inf: no limit)")
 
 
 def run_cli(main, interrupted="interrupted; nothing was written"):

@@ -20,8 +20,9 @@ import zipfile
 import torch
 from safetensors import safe_open
 
-from cli import require
 from model import GPTConfig, LLAMA31_ROPE, LLAMA_LAYOUT
+from plumbing.cli import require
+from plumbing.files import read_json
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,14 +34,6 @@ def resolve_dtype(dtype):
         return SUPPORTED_DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(SUPPORTED_DTYPES)}")
 
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 class Weights:
@@ -404,22 +397,8 @@ def load_llama2c(path):
                  *matrices[1 + 4 * n_layer:], norms[-1], *freqs, *output]
     else:
         order = norms + matrices + output
-    tensors = {}
-    for name, shape in order:
-        n = math.prod(shape)
-        if version == 2 and name not in dict(norms):  # int8 values, then one fp32 scale per group of them
-            need = n + 4 * (n // group_size)
-            if offset + need > len(data):
-                break
-            q = torch.frombuffer(bytearray(data[offset:offset + n]), dtype=torch.int8).float()
-            scales = torch.frombuffer(bytearray(data[offset + n:offset + need]), dtype=torch.float32)
-            tensors[name] = (q.view(-1, group_size) * scales[:, None]).view(shape)
-        else:
-            need = 4 * n
-            if offset + need > len(data):
-                break
-            tensors[name] = torch.frombuffer(bytearray(data[offset:offset + need]), dtype=torch.float32).view(shape)
-        offset += need
+    tensors, offset = read_llama2c_tensors(data, offset, order, group_size if version == 2 else 0,
+                                           dict(norms))
     if len(tensors) < len(order) or offset != len(data):
         raise ValueError(f"{path}: {len(data)} bytes, but a llama2.c version-{version} file with this header holds "
                          f"{offset if len(tensors) == len(order) else 'more'}; it is truncated or not a llama2.c "
@@ -432,3 +411,26 @@ def load_llama2c(path):
     weights.files[name] = {k: (lambda t=t: t) for k, t in tensors.items()}
     map_meta(weights, [name], config)
     return config, weights
+
+
+def read_llama2c_tensors(data, offset, order, group_size, fp32_names):
+    """The tensors of `order` ([(name, shape)]) read one after another from offset on: fp32, or, with a
+    group_size (version 2), int8 values then one fp32 scale per group (except fp32_names). Returns (the tensors
+    read, the offset after them); it stops at the first that the data cannot hold."""
+    tensors = {}
+    for name, shape in order:
+        n = math.prod(shape)
+        if group_size and name not in fp32_names:  # int8 values, then one fp32 scale per group of them
+            need = n + 4 * (n // group_size)
+            if offset + need > len(data):
+                break
+            q = torch.frombuffer(bytearray(data[offset:offset + n]), dtype=torch.int8).float()
+            scales = torch.frombuffer(bytearray(data[offset + n:offset + need]), dtype=torch.float32)
+            tensors[name] = (q.view(-1, group_size) * scales[:, None]).view(shape)
+        else:
+            need = 4 * n
+            if offset + need > len(data):
+                break
+            tensors[name] = torch.frombuffer(bytearray(data[offset:offset + need]), dtype=torch.float32).view(shape)
+        offset += need
+    return tensors, offset

@@ -19,8 +19,7 @@ import struct
 
 import tiktoken
 
-from checkpoints import write_text_atomically
-from formats import read_json
+from plumbing.files import read_json, write_text_atomically
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -394,4 +393,16 @@ def end_of_sequence_ids(enc):
             ids.append(enc.encode_single_token(name))
         except KeyError:
             pass
+    return ids
+
+
+def named_tokens(enc, names):
+    """Token ids of --eos: each a special token's text ("</s>", "<|eot_id|>") or an id."""
+    ids = []
+    for name in names:
+        try:
+            ids.append(int(name) if name.isdigit() else enc.encode_single_token(name))
+        except KeyError:
+            raise ValueError(f"--eos {name!r} is not one token of this tokenizer; name a special token such as '</s>', "
+                             "or give its id") from None
     return ids

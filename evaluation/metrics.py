@@ -8,7 +8,7 @@ The paper's evaluation (docs/method.md, E8), each metric a function of its own.
   of a text, read alone. Said so wherever it is printed;
 - perplexity of the responses under the base model;
 - mean per-token KL from the base model's next-token distribution (recorded by generate.sample);
-- in the toy world, the exact grammatical fraction (toyworld.is_grammatical);
+- in the toy world, the exact grammatical fraction (worlds/toy.py, is_grammatical);
 - the fraction of responses cut at max_new_tokens before they ended;
 - wall time per response and tokens per second.
 """
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from model import left_pad
 
-COHERENCE_NOTE = "coherence: cosine of mean-pooled base-model states of prompt and response (SimCSE is not available offline)"
+COHERENCE_NOTE = ("coherence: cosine of mean-pooled base-model states of prompt and response (SimCSE is not "
+                  "available offline)")
 
 
 def mean_and_spread(values):
@@ -94,42 +95,3 @@ def grammatical_fraction(responses, is_grammatical):
 def throughput(n_tokens, n_responses, seconds):
     """(milliseconds per response, tokens per second) of a timed run."""
     return 1000 * seconds / max(n_responses, 1), n_tokens / seconds if seconds else float("nan")
-
-
-def summarize_runs(name, runs, model=None, enc=None, is_grammatical=None):
-    """One row of a results table from runs of one method, one per seed, each (rows, cost) as returned by
-    generate.sample_responses. The reward's spread is over seeds; coherence and perplexity need the base model."""
-    reward, spread = mean_and_spread([statistics.fmean(r["reward"] for r in rows) for rows, _ in runs])
-    rows = [r for run, _ in runs for r in run]
-    ms_per_response, tokens_per_s = throughput(sum(c["tokens"] for _, c in runs), len(rows),
-                                               sum(c["seconds"] for _, c in runs))
-    summary = {"method": name, "reward": reward, "reward_sd_seeds": spread,
-               "reward_sd_responses": statistics.pstdev(r["reward"] for r in rows),
-               "diversity": diversity([r["tokens"] for r in rows]),
-               "grammatical": grammatical_fraction([r["response"] for r in rows], is_grammatical)
-               if is_grammatical else float("nan"),
-               "kl": statistics.fmean(r["kl"] for r in rows), "ms_per_response": ms_per_response,
-               "cut": statistics.fmean(not r.get("finished", True) for r in rows),
-               "tokens_per_s": tokens_per_s,
-               "reward_calls_per_response": sum(c["reward_calls"] for _, c in runs) / len(rows)}
-    if model is not None:
-        prompts_ids = [enc.encode(r["prompt"], allowed_special="all") for r in rows]
-        summary["coherence"] = coherence(model, prompts_ids, [r["tokens"] for r in rows])
-        summary["perplexity"] = perplexity(model, prompts_ids, [r["tokens"] for r in rows])
-    return summary
-
-
-COLUMNS = {"method": ("method", "{}"), "reward": ("reward", "{:+.3f}"), "reward_sd_seeds": ("± seeds", "{:.3f}"),
-           "reward_sd_responses": ("sd/response", "{:.3f}"), "diversity": ("diversity", "{:.3f}"),
-           "coherence": ("coherence", "{:.3f}"), "perplexity": ("perplexity", "{:.2f}"),
-           "grammatical": ("grammatical", "{:.1%}"), "kl": ("KL/token", "{:.3f}"),
-           "ms_per_response": ("ms/response", "{:.1f}"), "tokens_per_s": ("tokens/s", "{:.0f}"),
-           "reward_calls_per_response": ("reward calls/response", "{:.1f}"), "cut": ("cut at the limit", "{:.1%}")}
-
-
-def markdown_table(summaries, keys):
-    """The summaries as a Markdown table of the columns `keys` (metrics that are NaN for every row are dropped)."""
-    keys = [k for k in keys if any(not (isinstance(s[k], float) and math.isnan(s[k])) for s in summaries)]
-    lines = ["| " + " | ".join(COLUMNS[k][0] for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(COLUMNS[k][1].format(s[k]) for k in keys) + " |" for s in summaries]
-    return "\n".join(lines)

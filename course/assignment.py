@@ -7,8 +7,8 @@ markers, the docstrings and the shape comments around them stay), and writes ASS
 (tests/exercises/, `pytest -m e6 tests/`) grade a copy through tests/adapters.py against snapshots of the reference
 outputs and against properties, never against the reference code itself.
 
-    python assignment.py make student/                      # every exercise
-    python assignment.py make student/ --exercises E6 E7     # some of them
+    python -m course.assignment make student/                    # every exercise
+    python -m course.assignment make student/ --exercises E6 E7  # some of them
     cd student && python -m pytest -q -m e6 tests/           # one exercise's tests, in seconds
 """
 
@@ -17,16 +17,17 @@ import re
 import shutil
 import subprocess
 
-from cli import new_parser, run_cli
+from plumbing.cli import new_parser, run_cli
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXERCISES = {  # id: (title, where, what the tests check, minutes of work)
     "E1": ("The memory h_t: the KV cache", "model.py, KVCache.write",
            "states read through the cache, a prefill then one token at a time, equal a full forward pass", 20),
     "E2": ("The emission: the head reads the state", "model.py, GPT.head",
            "the logits are W o with the tied embedding matrix; a snapshot", 5),
-    "E3": ("The controlled system: o_t + u_t reaches the head, never the cache", "generate.py, sample (two blocks)",
+    "E3": ("The controlled system: o_t + u_t reaches the head, never the cache",
+           "generate.py, controlled_logits and next_state",
            "recorded states equal a plain forward pass over the generated tokens; an identity edit changes nothing; "
            "a snapshot of the tokens of a fixed edit", 20),
     "E6": ("The Bellman targets and loss: TD(lambda) with a stop-gradient", "value.py, lambda_returns and bellman_loss",
@@ -34,7 +35,7 @@ EXERCISES = {  # id: (title, where, what the tests check, minutes of work)
            "recovers its true values; snapshots", 40),
     "E7": ("The control: gradient ascent on V", "control.py, Controller.control (two blocks)",
            "n = 0 is the base model; one step is alpha times V's gradient by central differences; a snapshot", 25),
-    "E8": ("Diversity", "metrics.py, diversity", "hand-computed n-gram diversities", 10),
+    "E8": ("Diversity", "evaluation/metrics.py, diversity", "hand-computed n-gram diversities", 10),
 }
 
 QUESTIONS = [

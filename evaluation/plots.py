@@ -1,0 +1,74 @@
+"""
+The plots of compare.py (matplotlib, optional): reward against fluency as E7's strength grows, with every other
+method as a square; V(o_t) along the generated responses; and the training curves of V (E6).
+"""
+
+import os
+
+
+def value_along_tokens(rows, length):
+    """Mean V(o_t) at each step t over the responses that reach it (rows of sample_responses with a value)."""
+    means = []
+    for t in range(length):
+        reached = [r["values"][t] for r in rows if len(r["values"]) > t]
+        if not reached:
+            break
+        means.append(sum(reached) / len(reached))
+    return means
+
+
+def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
+    """The three PNG plots; none (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    paths = []
+
+    def save(fig, ax, name, title, xlabel, ylabel):
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: it hides no point
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    # the sweeps in black and grey, each alpha written at its point (one sweep to the left, the other to the right,
+    # above and below in turn, so they do not collide); each other method a square of its own colour, in the legend
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sides = [("black", "o", -6, "right"), ("gray", "^", 6, "left")]  # the two sweeps' labels on opposite sides
+    for bound, (color, marker, dx, align) in zip(dict.fromkeys(s["bound"] for s in sweep), sides):
+        points = sorted((s for s in sweep if s["bound"] == bound), key=lambda s: s["alpha"])
+        ax.plot([s[fluency_key] for s in points], [s["reward"] for s in points], marker=marker, color=color,
+                label=f"RE-Control, {bound} (alpha grows)")
+        near = {}  # points that (nearly) coincide share one label, "α=4, 8"
+        for s in points:
+            near.setdefault((round(s[fluency_key], 2), round(s["reward"], 2)), []).append(s)
+        for i, group in enumerate(near.values()):
+            label = "α=" + ", ".join(f"{s['alpha']:g}" for s in group)
+            ax.annotate(label, (group[0][fluency_key], group[0]["reward"]), textcoords="offset points",
+                        xytext=(dx, 4 if i % 2 else -9), ha=align, fontsize=7, color=color)
+    for s, color in zip(summaries, plt.get_cmap("tab10").colors):
+        ax.scatter(s[fluency_key], s["reward"], marker="s", s=60, zorder=3, color=color, label=s["method"])
+    save(fig, ax, "reward_vs_fluency.png", "Reward against fluency: the alpha sweep of E7, other methods as squares",
+         "grammatical fraction" if fluency_key == "grammatical" else "perplexity under the base model", "mean reward")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in along.items():
+        ax.plot(range(len(curve)), curve, "o-", ms=3, label=name)
+    save(fig, ax, "value_along_tokens.png", "V(o_t) along generated responses (mean over those that reach step t)",
+         "step t of the response", "mean V(o_t)")
+
+    if history:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], label="training loss (the method's own)")
+        ax.plot(epochs, [h["held_out_loss"] for h in history], label="held-out loss (the method's own)")
+        ax.plot(epochs, [h["error"] for h in history], label="held-out error of V(o_t) against the return")
+        ax.axhline(history[0]["best_constant"], color="gray", ls=":", label="error of the best constant")
+        kept = [h for h in history if h["kept"]][-1]
+        ax.axvline(kept["epoch"], color="black", ls="--", lw=0.8, label=f"kept: epoch {kept['epoch']}")
+        save(fig, ax, "value_training.png", "Value training (E6)", "epoch", "mean squared error")
+    return paths

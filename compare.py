@@ -126,6 +126,9 @@ def run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, gr
                                  [a * control.n_steps for a in args.sweep_alphas])
         summaries, _ = evaluate_methods(methods, model, enc, prompts, reward_fn, sampling, args.seeds[:1], grammar)
         sweep += [dict(s, alpha=alphas[s["method"]], bound=bound) for s in summaries]
+        if parallel.is_main():
+            print(f"\nE7's strength, {bound} (n = {control.n_steps}, seed {args.seeds[0]}):\n"
+                  + report.markdown_table(summaries))
     return sweep
 
 

@@ -310,7 +310,7 @@ def main(argv=None):
     parser = script_parser(__doc__, prompts="toy-train", sampling=SamplingConfig(samples_per_prompt=48))
     parser.add_argument("--out", default=DEFAULT_OUT, help="the value checkpoint to write")
     parser.add_argument("--rollouts", default=None, help="folder for the rollout shards (default: next to --out)")
-    for config in (TrainingConfig(), CalibrationConfig(), ValueConfig(n_embd=1)):
+    for config in (TrainingConfig(), CalibrationConfig(), ValueConfig):  # V: its declared defaults (width 0: d)
         add_config_arguments(parser, config)
     parser.add_argument("--shard-size", type=int, default=512,
                         help="responses per rollout shard: an interrupted collection resumes at its first "

@@ -30,12 +30,14 @@ def flag_of(f):
 
 
 def add_config_arguments(parser, config):
-    """One flag per field of the dataclass instance `config` (flag_of), its default the field's, its help the
-    field's own documentation. config_from_args builds the dataclass back."""
+    """One flag per documented field of `config` (flag_of), its help the field's own documentation, its default
+    the field's: `config`'s value when it is an instance, the declared default when it is the dataclass itself.
+    config_from_args builds the dataclass back."""
     for f in fields(config):
         if flag_of(f) is None or "help" not in f.metadata:
             continue
-        default, help_text = getattr(config, f.name), f.metadata["help"]
+        default = getattr(config, f.name) if not isinstance(config, type) else f.default
+        help_text = f.metadata["help"]
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)  # float | None -> float
         if kind is bool:  # --flag and --no-flag
             parser.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, default=default, help=help_text)

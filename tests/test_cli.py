@@ -26,7 +26,9 @@ def test_library_errors_name_settings_and_the_command_line_names_flags():
     with pytest.raises(ValueError, match="^n_hidden must be a whole number >= 0, got -1$"):
         ValueConfig(n_embd=4, n_hidden=-1)
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser, ValueConfig(n_embd=1))
+    add_config_arguments(parser, ValueConfig)  # the declared defaults: width 0, the model's width
+    assert config_from_args(ValueConfig, parser.parse_args([]), n_embd=48) == ValueConfig(n_embd=48)
+    assert config_from_args(ValueConfig, parser.parse_args([]), n_embd=48).width == 48
     with pytest.raises(ValueError, match="^--hidden-layers must be a whole number >= 0, got -1; --activation"):
         config_from_args(ValueConfig, parser.parse_args(["--hidden-layers", "-1", "--activation", "x"]), n_embd=4)
     with pytest.raises(ValueError, match="^step_size must be a number >= 0"):

@@ -48,7 +48,7 @@ def test_exactly_the_blanked_exercises_fail_and_the_solution_passes(tmp_path):
             else:
                 assert message is None, (exercise, test, message)
 
-    for name in ("model.py", "generate.py", "value.py", "control.py", "metrics.py"):  # the reference blocks back
+    for name in ("model.py", "generate.py", "value.py", "control.py", "evaluation/metrics.py"):  # the reference back
         shutil.copyfile(os.path.join(assignment.ROOT, name), everything / name)
     assert all(message is None for message in run_exercise_tests(everything).values())
 

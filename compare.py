@@ -4,7 +4,9 @@ editing, best-of-N, reward-guided decoding (prefix reward, and learned V on the 
 through the same sampling loop, on the same held-out prompts, with the same reward, over several seeds.
 Writes the table as Markdown and CSV, and the plots as PNG (with matplotlib installed).
 
-    python compare.py        # the embedded toy world; trains V first when out/toyworld/value.pt is missing
+    python compare.py                    # the embedded toy world; trains V first when it is missing
+    python compare.py --world verdict    # the paper's setting in miniature (docs/verdict_world.md): a learned
+                                         # reward model, a judge apart from it, every method's cost in FLOPs
     python compare.py --model path/to/gpt2 --prompts test.txt --reward sentiment --value gpt2_value.pt
     torchrun --standalone --nproc-per-node 8 compare.py --device cuda ...   # the same job on 8 GPUs (parallel.py)
 """
@@ -18,11 +20,11 @@ from dataclasses import replace
 
 import worlds
 from control import Controller
-from evaluation import report
+from evaluation import cost, report
 from evaluation.baselines import NextStateValueRescore, PrefixRewardRescore, SteeringEdit, steering_vector
-from evaluation.harness import Method, evaluate_methods, sample_responses, strength_sweep
+from evaluation.harness import Method, sample_responses, strength_sweep
 from evaluation.metrics import COHERENCE_NOTE
-from evaluation.plots import plot_all, value_along_tokens
+from evaluation.plots import plot_all, plot_win_against_cost, value_along_tokens
 from generate import (SamplingConfig, add_control_arguments, control_from_args, response_length,
                       sampling_from_args, script_parser)
 from plumbing import parallel
@@ -32,30 +34,40 @@ from plumbing.files import read_json, write_text_atomically
 from rollouts import Rollouts
 from train_value import (DEFAULT_OUT, CalibrationConfig, TrainingConfig, ValueConfig, build_value,
                          history_path)
+from worlds import verdict_rm
 
 TABLE = ["method", "reward", "reward_sd_seeds", "diversity", "coherence", "perplexity", "grammatical", "kl",
-         "ms_per_response", "tokens_per_s", "reward_calls_per_response"]
+         "ms_per_response", "tokens_per_s", "reward_calls_per_response", "flops_per_response"]
+JUDGED = ["judge", "win_rate", "win_rate_sd_seeds"]  # with a judge apart from the reward
+SWEEP_TABLE = ["method", "reward", "judge", "win_rate", "grammatical", "perplexity", "kl", "flops_per_response"]
+INSTRUCTIONS = {  # prompting: text before every prompt (the embedded worlds' base models never saw instructions)
+    "toy": "i love it . i would recommend it . ",
+    "verdict-rm": "ann reviews the phone : the screen is great . the sound is poor . i love the design . ",
+    "other": "A positive, kind and helpful reply follows.\n"}
 NOTE = ("{prompts} held-out prompts x {samples} samples x {seeds} seeds; " + COHERENCE_NOTE + "; KL/token is "
         "measured against the base model reading the same context, so it is 0 by construction for prompting and "
         "best-of-N; measuring it costs the state-editing methods one extra LM-head product per token, inside "
         "their time; reward calls count only the method's own calls.")
 
 
-def write_outputs(summaries, sweep, out_dir, note):
+def write_outputs(summaries, sweep, out_dir, note, columns):
     """table.md, table.csv and sweep.json in out_dir, each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     write_text_atomically(os.path.join(out_dir, "table.md"),
-                          report.markdown_table(summaries, TABLE) + f"\n\n{note}\n")
+                          report.markdown_table(summaries, columns) + f"\n\n{note}\n")
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=TABLE)
+    writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()
-    writer.writerows({k: s[k] for k in TABLE} for s in summaries)
+    writer.writerows({k: s.get(k) for k in columns} for s in summaries)
     write_text_atomically(os.path.join(out_dir, "table.csv"), table.getvalue())
     write_text_atomically(os.path.join(out_dir, "sweep.json"), json.dumps(sweep, indent=1))
 
 
 def parse_args(argv):
     parser = script_parser(__doc__, prompts="toy-test", sampling=SamplingConfig(samples_per_prompt=4))
+    parser.add_argument("--world", default=None,
+                        help="an embedded world whose model, prompts and reward to use: toy or verdict "
+                             "(docs/verdict_world.md), optionally @SEED; its V is trained when missing")
     parser.add_argument("--value", default=None,
                         help=f"value checkpoint (toy default: {DEFAULT_OUT}, trained if missing)")
     parser.add_argument("--rollouts", default=None,
@@ -77,8 +89,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
 
     def settings():  # every flag is checked before any work
-        require((args.value is not None or args.model == "toy",
-                 "--value is needed for a model other than the toy world's"),
+        if args.world:
+            apply_world(args)
+        elif args.value is None and args.model == "toy":
+            args.value = DEFAULT_OUT
+        require((args.value is not None, "--value is needed for a model other than an embedded world's"),
                 (is_whole(args.best_of, 1), f"--best-of must be a whole number >= 1, got {args.best_of}"),
                 (is_whole(args.guide_k, 1), f"--guide-k must be a whole number >= 1, got {args.guide_k}"),
                 (all(is_finite(x, 0) for x in (args.steering_scale, args.guide_weight, args.value_guide_weight)),
@@ -92,88 +107,181 @@ def parse_args(argv):
     return args, checked(parser, settings)
 
 
-def toy_value(model, enc):
-    """The toy world's value, as `python train_value.py` makes it with its defaults (DEFAULT_OUT)."""
-    prompts = worlds.load_prompts("toy-train")
+WORLDS = {"toy": dict(prompts="toy-test", reward="toy"), "verdict": dict(prompts="verdict-test", reward="verdict-rm")}
+
+
+def apply_world(args):
+    """--world NAME[@SEED] names the model, prompts and reward of an embedded world (and where its V lives)."""
+    name, _, seed = args.world.partition("@")
+    if name not in WORLDS or (seed and not seed.isdigit()):
+        raise ValueError(f"--world must be one of {', '.join(WORLDS)} (optionally @SEED), got {args.world!r}")
+    args.model, args.prompts = args.world, WORLDS[name]["prompts"]
+    args.reward = WORLDS[name]["reward"] + (f"@{seed}" if seed and name == "verdict" else "")
+    if args.value is None:
+        args.value = world_value_path(args.world)
+
+
+def world_value_path(world):
+    """Where an embedded world's V lives: out/toyworld/value.pt for "toy", else beside its base model."""
+    name, _, seed = world.partition("@")
+    folder = {"toy": "out/toyworld", "verdict": "out/verdict"}[name]
+    return os.path.join(folder, f"seed{seed}" if seed and seed != "0" else "", "value.pt")
+
+
+def world_value(args, model, enc):
+    """An embedded world's V, as `python train_value.py` makes it with its defaults: on the world's training
+    prompts, predicting the world's reward (for the verdict world, its learned reward model, built first)."""
+    name, _, seed = args.model.partition("@")
+    if name == "verdict":
+        verdict_rm.reward_model(int(seed or 0))
+    prompts = worlds.load_prompts(f"{name}-train")
     sampling = SamplingConfig(max_new_tokens=response_length(model, enc, prompts), samples_per_prompt=48)
-    build_value(model, enc, prompts, "toy", DEFAULT_OUT, os.path.splitext(DEFAULT_OUT)[0] + "_rollouts",
-                sampling, ValueConfig(n_embd=model.config.n_embd), TrainingConfig(), CalibrationConfig(), "toy")
-    return DEFAULT_OUT
+    build_value(model, enc, prompts, args.reward, args.value, os.path.splitext(args.value)[0] + "_rollouts",
+                sampling, ValueConfig(n_embd=model.config.n_embd), TrainingConfig(), CalibrationConfig(),
+                args.model)
+
+
+def reward_model_config(reward_fn):
+    """The config of the model behind a reward (a reward model's), or None for a rule or a lexicon."""
+    model = getattr(getattr(reward_fn, "function", None), "model", None)
+    return getattr(model, "config", None)
 
 
 def methods_of(args, model, enc, reward_fn, value, control, rollouts):
-    """The paper's methods, each through the one sampling loop (evaluation/baselines.py)."""
+    """The paper's methods, each through the one sampling loop (evaluation/baselines.py), each with what it adds
+    to sampling in FLOPs (evaluation/cost.py)."""
     vector = steering_vector(rollouts, range(rollouts.settings["n_prompts"]))
     return [Method("base", value=value), Method("prompting", instruction=args.instruction),
             Method("static editing", edit=SteeringEdit(vector, args.steering_scale)),
-            Method(f"best-of-{args.best_of}", best_of=args.best_of),
-            Method("ARGS (prefix R)", rescore_for=lambda batch: PrefixRewardRescore(
-                reward_fn, enc, batch, args.guide_k, args.guide_weight)),
+            best_of_n(args.best_of, reward_fn), args_method(args.guide_k, args, enc, reward_fn),
             Method("CD (V next state)", rescore_for=lambda batch: NextStateValueRescore(
-                model, value, args.guide_k, args.value_guide_weight)),
-            Method("RE-Control", edit=Controller(value, control), value=value)]
+                model, value, args.guide_k, args.value_guide_weight),
+                   extra_flops=lambda tokens, decisions: sum(
+                       args.guide_k * (cost.token_flops(model.config, tokens + t + 1) + cost.value_flops(
+                           value.config)) for t in range(decisions))),
+            Method("RE-Control", edit=Controller(value, control), value=value,
+                   extra_flops=lambda tokens, decisions: decisions * cost.ascent_flops(value.config,
+                                                                                        control.n_steps))]
 
 
-def run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, grammar):
-    """E7's strength as the plot shows it: alpha over --sweep-alphas (n kept), unbounded and with the radius."""
+def best_of_n(n, reward_fn, name=None):
+    """Best-of-N: each of the N samples scored once by the reward (a reward model's forward pass)."""
+    rm = reward_model_config(reward_fn)
+    return Method(name or f"best-of-{n}", best_of=n, extra_flops=lambda tokens, decisions: cost.sequence_flops(
+        rm, tokens + decisions) if rm else 0)
+
+
+def args_method(k, args, enc, reward_fn, name=None):
+    """ARGS: at each decision, the reward of prompt + prefix + each of the k candidates, read whole."""
+    rm = reward_model_config(reward_fn)
+    return Method(name or "ARGS (prefix R)", rescore_for=lambda batch: PrefixRewardRescore(
+        reward_fn, enc, batch, k, args.guide_weight), extra_flops=lambda tokens, decisions: sum(
+            k * cost.sequence_flops(rm, tokens + t) for t in range(1, decisions + 1)) if rm else 0)
+
+
+def matched_methods(args, enc, reward_fn, runs):
+    """Best-of-N and ARGS at the N and k whose FLOPs per response come closest to RE-Control's (measured),
+    from what one sample and one ARGS candidate cost in the runs above."""
+    def flops(name):
+        return sum(c["flops"] for _, c in runs[name]) / sum(len(rows) for rows, _ in runs[name])
+
+    target, one = flops("RE-Control"), flops("base")
+    per_sample = flops(f"best-of-{args.best_of}") / args.best_of
+    per_candidate = (flops("ARGS (prefix R)") - one) / args.guide_k
+    n = max(1, round(target / per_sample))
+    k = max(2, round((target - one) / per_candidate)) if per_candidate > 0 else args.guide_k
+    return [best_of_n(n, reward_fn, f"best-of-{n} (RE-Control's cost)"),
+            args_method(k, args, enc, reward_fn, f"ARGS k = {k} (RE-Control's cost)")]
+
+
+def run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, grammar, judge, base_runs):
+    """E7's strength as the plot shows it: alpha over --sweep-alphas (n kept), unbounded and with the radius;
+    with a judge, its win rate beside the reward, where proxy and judge part."""
     bounds = {"paper's E7, no radius": None}
     if control.radius is not None:
         bounds[f"radius {control.radius:g}"] = control.radius
     sweep = []
     for bound, radius in bounds.items():
-        alphas = {f"alpha*n = {a * control.n_steps:g}": a for a in args.sweep_alphas}
         methods = strength_sweep(value, replace(control, radius=radius),
                                  [a * control.n_steps for a in args.sweep_alphas])
-        summaries, _ = evaluate_methods(methods, model, enc, prompts, reward_fn, sampling, args.seeds[:1], grammar)
-        sweep += [dict(s, alpha=alphas[s["method"]], bound=bound) for s in summaries]
-        if parallel.is_main():
-            print(f"\nE7's strength, {bound} (n = {control.n_steps}, seed {args.seeds[0]}):\n"
-                  + report.markdown_table(summaries))
+        runs = {m.name: [sample_responses(m, model, enc, prompts, reward_fn, sampling, args.seeds[0])]
+                for m in methods}
+        if not parallel.is_main():
+            continue
+        summaries, _ = report.evaluate(runs, args.seeds[:1], model, enc, grammar)
+        if judge is not None:
+            report.add_win_rates(summaries, {**runs, "base": base_runs[:1]}, judge)
+        sweep += [dict(s, alpha=a, bound=bound) for s, a in zip(summaries, args.sweep_alphas)]
+        print(f"\nE7's strength, {bound} (n = {control.n_steps}, seed {args.seeds[0]}):\n"
+              + report.markdown_table(summaries, SWEEP_TABLE))
     return sweep
+
+
+def run_methods(methods, args, model, enc, prompts, reward_fn, sampling, grammar, runs, summaries, along):
+    """Each method over every seed; its runs kept in `runs`, its summary row added to `summaries`, the mean V
+    along its responses to `along` (when it records V). Under torchrun rank 0 alone summarizes."""
+    for method in methods:
+        runs[method.name] = [sample_responses(method, model, enc, prompts, reward_fn, sampling, seed)
+                             for seed in args.seeds]
+        if not parallel.is_main():
+            continue
+        summary, _ = report.evaluate({method.name: runs[method.name]}, args.seeds, model, enc, grammar)
+        summaries += summary
+        if method.value is not None:
+            along[method.name] = value_along_tokens(runs[method.name][0][0], sampling.max_new_tokens + 1)
+        print(f"{method.name:>34}: reward {summary[0]['reward']:+.3f}, "
+              f"{summary[0]['flops_per_response']:.3g} FLOPs/response ({time.time() - args.t_start:.0f}s)",
+              flush=True)
 
 
 def main(argv=None):
     args, sampling = parse_args(argv)
     args.device = parallel.start(args.device)  # under torchrun: join the other processes
-    grammar = worlds.grammar_check(args.reward)  # the toy world's exact fluency measure, None for other rewards
-    t_start = time.time()
+    grammar = worlds.grammar_check(args.reward)  # an embedded world's exact fluency measure, None for others
+    judge = worlds.judge_of(args.reward)  # the rule that decides quality apart from a learned reward
+    args.t_start = time.time()
+    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device)
+    if not os.path.exists(args.value) and (args.world or args.model == "toy"):
+        world_value(args, model, enc)
     reward_fn = worlds.load_reward(args.reward, device=args.device)
     prompts = worlds.load_prompts(args.prompts, args.chat)
-    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device)
     if args.instruction is None:
-        args.instruction = "i love it . i would recommend it . " if grammar else \
-            "A positive, kind and helpful reply follows.\n"
+        args.instruction = INSTRUCTIONS.get(args.reward.split("@")[0], INSTRUCTIONS["other"])
     # the prompting baseline reads the longest prompts: they set the room left for the response
     sampling = sampling_from_args(args, model, enc, [args.instruction + p for p in prompts], sampling)
-    if args.value is None:
-        args.value = DEFAULT_OUT if os.path.exists(DEFAULT_OUT) else toy_value(model, enc)
     value, checkpoint = load_value(args.value, model, args.model, args.reward)
     control = control_from_args(args, checkpoint.get("control") or {})
     rollouts_folder = args.rollouts or checkpoint["train_args"].get("rollouts")
     if not rollouts_folder:
         raise ValueError(f"{args.value} does not say which rollouts it was trained on; pass --rollouts")
-    methods = methods_of(args, model, enc, reward_fn, value, control, Rollouts(rollouts_folder))
-    summaries, along = [], {}
-    for method in methods:
-        runs = [sample_responses(method, model, enc, prompts, reward_fn, sampling, seed) for seed in args.seeds]
-        if not parallel.is_main():  # under torchrun, rank 0 alone summarizes and writes
-            continue
-        summary, _ = report.evaluate({method.name: runs}, args.seeds, model, enc, grammar)
-        summaries += summary
-        if method.value is not None:
-            along[method.name] = value_along_tokens(runs[0][0], sampling.max_new_tokens + 1)
-        print(f"{method.name:>18}: reward {summary[0]['reward']:+.3f} ({time.time() - t_start:.0f}s)", flush=True)
-    sweep = run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, grammar)
+    runs, summaries, along = {}, [], {}
+    common = (args, model, enc, prompts, reward_fn, sampling, grammar, runs, summaries, along)
+    run_methods(methods_of(args, model, enc, reward_fn, value, control, Rollouts(rollouts_folder)), *common)
+    if judge is not None:  # the learned reward is expensive: the reward-guided methods at RE-Control's cost
+        run_methods(matched_methods(args, enc, reward_fn, runs), *common)
+        if parallel.is_main():
+            report.add_win_rates(summaries, runs, judge)
+    sweep = run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, grammar, judge,
+                      runs["base"])
     if not parallel.is_main():
         return []
-    print(f"sweep of {len(sweep)} settings done ({time.time() - t_start:.0f}s)")
-    note = NOTE.format(prompts=len(prompts), samples=sampling.samples_per_prompt, seeds=len(args.seeds))
-    write_outputs(summaries, sweep, args.out_dir, note)
+    return write_report(args, summaries, sweep, along, judge, len(prompts), sampling)
+
+
+def write_report(args, summaries, sweep, along, judge, n_prompts, sampling):
+    """The table (Markdown, CSV), the sweep (JSON) and the plots in --out-dir; the table printed."""
+    print(f"sweep of {len(sweep)} settings done ({time.time() - args.t_start:.0f}s)")
+    columns = TABLE + (JUDGED if judge is not None else [])
+    note = NOTE.format(prompts=n_prompts, samples=sampling.samples_per_prompt, seeds=len(args.seeds))
+    write_outputs(summaries, sweep, args.out_dir, note, columns)
     history = read_json(history_path(args.value)) if os.path.exists(history_path(args.value)) else None
-    plots = plot_all(args.out_dir, sweep, summaries, along, history, "grammatical" if grammar else "perplexity")
-    print("\n" + report.markdown_table(summaries, TABLE) + f"\n\n{note}")
+    fluency = "grammatical" if worlds.grammar_check(args.reward) else "perplexity"
+    plots = plot_all(args.out_dir, sweep, summaries, along, history, fluency)
+    if judge is not None:
+        plots += plot_win_against_cost(args.out_dir, summaries, sweep)
+    print("\n" + report.markdown_table(summaries, columns) + f"\n\n{note}")
     print(f"\nwrote {args.out_dir}/table.md, table.csv, sweep.json"
-          + "".join(f", {os.path.basename(p)}" for p in plots) + f" in {time.time() - t_start:.0f}s")
+          + "".join(f", {os.path.basename(p)}" for p in plots) + f" in {time.time() - args.t_start:.0f}s")
     return summaries
 
 

@@ -8,7 +8,7 @@ strength alpha * n, the trade-off that recontrol.py prints and compare.py plots.
 from dataclasses import dataclass, replace
 
 from control import Controller
-from evaluation import report
+from evaluation import cost, report
 from generate import sample_many
 from plumbing import parallel
 
@@ -22,21 +22,28 @@ class Method:
     instruction: str = ""  # prepended to every prompt (prompting)
     best_of: int = 1  # N of best-of-N: the reward keeps the best of N samples
     value: object = None  # a value function: V(o_t) is recorded along every response
+    extra_flops: object = None  # (prompt tokens, decisions) -> FLOPs the method adds to sampling one response
 
 
 def sample_responses(method, model, enc, prompts, reward_fn, config, seed):
     """config.samples_per_prompt responses per prompt with `method` (generate.sample_many). Returns rows
     (prompt, response, tokens, reward, kl, finished; with the method's value, V(o_t) along the response) and
-    the method's cost: seconds of sampling, tokens generated (discarded best-of-N samples included) and its own
-    reward calls (not the final scoring)."""
+    the method's cost: seconds of sampling, tokens generated and forward-pass FLOPs (discarded best-of-N samples
+    included, evaluation/cost.py), and its own reward calls (not the final scoring)."""
     n = method.best_of
     jobs = [p for p in prompts for _ in range(config.samples_per_prompt * n)]
-    rows, cost = sample_many(model, enc, jobs, replace(config, batch_size=config.batch_size * n), seed,
-                             reward_fn, method.edit, method.value, method.rescore_for, method.instruction)
+    rows, spent = sample_many(model, enc, jobs, replace(config, batch_size=config.batch_size * n), seed,
+                              reward_fn, method.edit, method.value, method.rescore_for, method.instruction)
+    spent["flops"] = 0
+    for prompt, row in zip(jobs, rows):  # what sampling every response cost, the discarded ones included
+        tokens = len(enc.encode(method.instruction + prompt, allowed_special="all"))
+        decisions = cost.decisions_of(row, config.max_new_tokens)
+        spent["flops"] += cost.sampling_flops(model.config, tokens, decisions) + (
+            method.extra_flops(tokens, decisions) if method.extra_flops else 0)
     if n > 1:  # best-of-N: the reward's choice among each prompt's N samples (the first of equals)
         rows = [max(rows[i:i + n], key=lambda row: row["reward"]) for i in range(0, len(rows), n)]
-        cost["reward_calls"] += len(jobs)
-    return rows, cost
+        spent["reward_calls"] += len(jobs)
+    return rows, spent
 
 
 def evaluate_methods(methods, model, enc, prompts, reward_fn, config, seeds, is_grammatical=None):

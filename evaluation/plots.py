@@ -72,3 +72,40 @@ def plot_all(out_dir, sweep, summaries, along, history, fluency_key):
         ax.axvline(kept["epoch"], color="black", ls="--", lw=0.8, label=f"kept: epoch {kept['epoch']}")
         save(fig, ax, "value_training.png", "Value training (E6)", "epoch", "mean squared error")
     return paths
+
+
+def plot_win_against_cost(out_dir, summaries, sweep):
+    """Two PNG plots for a world with a judge: win rate against FLOPs per response for every method (the
+    seeds' spread as bars: the paper's performance against inference time), and the reward model's score beside
+    the judge's win rate as E7's strength grows (where the proxy and the judge part)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for s, color in zip(summaries, plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors):
+        ax.errorbar(s["flops_per_response"], s["win_rate"], yerr=s["win_rate_sd_seeds"], fmt="s", color=color,
+                    capsize=3, label=s["method"])
+    ax.set(xscale="log", title="Win rate against the base model (judge) against cost",
+           xlabel="forward-pass FLOPs per response", ylabel="win rate (ties count half)")
+    ax.axhline(0.5, color="gray", ls=":", lw=0.8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    paths = [os.path.join(out_dir, "win_rate_vs_flops.png")]
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for bound, style in zip(dict.fromkeys(s["bound"] for s in sweep), ("-", "--")):
+        points = sorted((s for s in sweep if s["bound"] == bound), key=lambda s: s["alpha"])
+        alphas = [s["alpha"] for s in points]
+        ax.plot(alphas, [s["reward"] for s in points], "o" + style, color="black", label=f"reward model, {bound}")
+        ax.plot(alphas, [2 * s["win_rate"] - 1 for s in points], "^" + style, color="tab:red",
+                label=f"judge: 2 x win rate - 1, {bound}")
+    ax.set(xscale="symlog", title="Over-optimisation: the proxy and the judge as E7's strength grows",
+           xlabel="alpha (n fixed)", ylabel="score")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    paths.append(os.path.join(out_dir, "proxy_vs_judge.png"))
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return paths

@@ -47,7 +47,8 @@ def summarize_runs(name, runs, model=None, enc=None, is_grammatical=None):
                "kl": statistics.fmean(r["kl"] for r in rows), "ms_per_response": ms_per_response,
                "cut": statistics.fmean(not r.get("finished", True) for r in rows),
                "tokens_per_s": tokens_per_s,
-               "reward_calls_per_response": sum(c["reward_calls"] for _, c in runs) / len(rows)}
+               "reward_calls_per_response": sum(c["reward_calls"] for _, c in runs) / len(rows),
+               "flops_per_response": sum(c.get("flops", float("nan")) for _, c in runs) / len(rows)}
     if model is not None:
         prompts_ids = [enc.encode(r["prompt"], allowed_special="all") for r in rows]
         summary["coherence"] = metrics.coherence(model, prompts_ids, [r["tokens"] for r in rows])
@@ -60,12 +61,32 @@ COLUMNS = {"method": ("method", "{}"), "reward": ("reward", "{:+.3f}"), "reward_
            "coherence": ("coherence", "{:.3f}"), "perplexity": ("perplexity", "{:.2f}"),
            "grammatical": ("grammatical", "{:.1%}"), "kl": ("KL/token", "{:.3f}"),
            "ms_per_response": ("ms/response", "{:.1f}"), "tokens_per_s": ("tokens/s", "{:.0f}"),
-           "reward_calls_per_response": ("reward calls/response", "{:.1f}"), "cut": ("cut at the limit", "{:.1%}")}
+           "reward_calls_per_response": ("reward calls/response", "{:.1f}"), "cut": ("cut at the limit", "{:.1%}"),
+           "flops_per_response": ("FLOPs/response", "{:.3g}"), "win_rate": ("win rate vs base (judge)", "{:.1%}"),
+           "win_rate_sd_seeds": ("± seeds", "{:.1%}"), "judge": ("judge", "{:+.3f}")}
+
+
+def add_win_rates(summaries, runs, judge):
+    """Each summary gets the judge's mean score and its win rate against the base model ("base" in runs): its
+    response j at seed s against the base model's response j at seed s, ties counting half; the mean over seeds
+    and its spread. runs: {method name: [(rows, cost) for each seed]}, the rows in the same job order."""
+    def scores(rows):
+        return judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+
+    base = [scores(rows) for rows, _ in runs["base"]]
+    for summary in summaries:
+        ours = [scores(rows) for rows, _ in runs[summary["method"]]]
+        wins = [((a > b).float() + 0.5 * (a == b).float()).mean().item() for a, b in zip(ours, base)]
+        summary["win_rate"], summary["win_rate_sd_seeds"] = metrics.mean_and_spread(wins)
+        summary["judge"] = statistics.fmean(x for s in ours for x in s.tolist())
 
 
 def markdown_table(summaries, keys=TABLE):
-    """The summaries as a Markdown table of the columns `keys` (metrics that are NaN for every row are dropped)."""
-    keys = [k for k in keys if any(not (isinstance(s[k], float) and math.isnan(s[k])) for s in summaries)]
+    """The summaries as a Markdown table of the columns `keys` (those that no row has, or that are NaN in every
+    row, are left out)."""
+    def missing(s, k):
+        return isinstance(s.get(k, math.nan), float) and math.isnan(s.get(k, math.nan))
+    keys = [k for k in keys if any(not missing(s, k) for s in summaries)]
     lines = ["| " + " | ".join(COLUMNS[k][0] for k in keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(COLUMNS[k][1].format(s[k]) for k in keys) + " |" for s in summaries]
     return "\n".join(lines)

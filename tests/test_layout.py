@@ -32,7 +32,8 @@ def project_imports(module):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            submodules = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES]
+            names = submodules or [node.module]  # `from worlds import toy` imports worlds.toy
         for name in names:
             name = name if name in MODULES else name.split(".")[0] if name.split(".")[0] in MODULES else None
             if name is not None and name != module:

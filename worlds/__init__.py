@@ -1,26 +1,34 @@
 """
 The worlds a script can name, and the way from a name to a model, prompts and a reward.
 
-Embedded worlds, built on the CPU without downloads: "toy" (short product reviews, worlds/toy.py), "toy-long"
-(reviews of ~100 tokens), and either with "@SEED" for a base model pretrained from another seed. Their prompts
-are "toy-train" / "toy-test" and their reward "toy". Any other name is a real checkpoint, prompt file or reward,
-read by plumbing/.
+Embedded worlds, built on the CPU without downloads:
+- "toy" (short product reviews, worlds/toy.py), "toy-long" (reviews of ~100 tokens): prompts "toy-train" /
+  "toy-test", reward "toy" (a lexicon);
+- "verdict" (worlds/verdict.py, docs/verdict_world.md): prompts "verdict-train" / "verdict-test", reward
+  "verdict-rm" (a learned reward model, built by `python -m worlds.verdict_rm`), judge "verdict-judge".
+Each base model also with "@SEED", pretrained from another seed (its reward model: "verdict-rm@SEED"). Any other
+name is a real checkpoint, prompt file or reward, read by plumbing/.
 """
+
+import os
 
 from plumbing import checkpoints, prompts, rewards
 from plumbing.formats import resolve_dtype
-from worlds import toy
+from worlds import toy, verdict
 
-PROMPT_SETS = {"toy-train": lambda: toy.World().train_prompts(), "toy-test": lambda: toy.World().test_prompts()}
-REWARDS = {"toy": toy.reward}
-GRAMMARS = {"toy": toy.is_grammatical}  # the exact fluency check that comes with a reward
+PROMPT_SETS = {"toy-train": lambda: toy.World().train_prompts(), "toy-test": lambda: toy.World().test_prompts(),
+               "verdict-train": lambda: verdict.prompts("train"), "verdict-test": lambda: verdict.prompts("test")}
+REWARDS = {"toy": toy.reward, "verdict-judge": verdict.judge}
+GRAMMARS = {"toy": toy.is_grammatical, "verdict-rm": toy.is_grammatical,  # the exact fluency check of a reward
+            "verdict-judge": toy.is_grammatical}
+JUDGES = {"verdict-rm": verdict.judge}  # the rule that decides quality apart from a learned reward
 
 
 def load_model(spec, dtype=None, device=None, log=print):
     """(model, tokenizer) of an embedded world's base model ("toy", "toy-long@2"; pretrained once and cached
     under out/) or of any checkpoint from_pretrained reads; in `dtype` (default: as stored) on `device`."""
-    if toy.is_variant(spec):
-        model, enc = toy.load_variant(spec, log=log)
+    if toy.is_variant(spec) or spec.split("@")[0] == "verdict":
+        model, enc = toy.load_variant(spec, log=log) if toy.is_variant(spec) else verdict.base_model(spec, log)
         return model.to(dtype=resolve_dtype(dtype), device=checkpoints.check_device(device)), enc
     return checkpoints.load_model(spec, dtype=dtype, device=device)
 
@@ -34,10 +42,24 @@ def load_prompts(spec, chat=None):
 
 
 def load_reward(spec, device=None):
-    """An embedded world's reward ("toy") or any reward plumbing/rewards.py reads, its answers checked."""
+    """An embedded world's reward ("toy", "verdict-rm@1") or any reward plumbing/rewards.py reads, its answers
+    checked."""
+    name, _, seed = spec.partition("@")
+    if name == "verdict-rm":
+        folder = os.path.join(verdict.OUT, "rm" if not seed or seed == "0" else f"rm-seed{seed}")
+        if not os.path.exists(os.path.join(folder, "settings.json")):
+            raise FileNotFoundError(f"the verdict world's reward model {folder} is not built yet; build it with "
+                                    f"`python -m worlds.verdict_rm --seed {seed or 0}` (compare.py --world "
+                                    "verdict builds it)")
+        return rewards.CheckedReward(rewards.RewardModel(folder, device=device), spec)
     return rewards.load_reward(spec, device=device, named=REWARDS)
 
 
 def grammar_check(reward_spec):
     """The exact grammar that comes with an embedded world's reward; None for other rewards."""
-    return GRAMMARS.get(reward_spec)
+    return GRAMMARS.get(reward_spec.split("@")[0])
+
+
+def judge_of(reward_spec):
+    """The judge that decides quality apart from a learned reward (the verdict world's rule); None for others."""
+    return JUDGES.get(reward_spec.split("@")[0])

@@ -72,7 +72,9 @@ def parse_args(argv):
                         help=f"value checkpoint (toy default: {DEFAULT_OUT}, trained if missing)")
     parser.add_argument("--rollouts", default=None,
                         help="rollouts V was trained on, for the steering vector (default: from the checkpoint)")
-    parser.add_argument("--out-dir", default="out/compare", help="where table.md, table.csv and the plots go")
+    parser.add_argument("--out-dir", default=None,
+                        help="where table.md, table.csv and the plots go (default: out/compare, or "
+                             "out/compare-WORLD with --world)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
     add_control_arguments(parser)
     parser.add_argument("--instruction", default=None, help="prompting: text prepended to each prompt")
@@ -89,6 +91,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
 
     def settings():  # every flag is checked before any work
+        args.out_dir = args.out_dir or ("out/compare-" + args.world if args.world else "out/compare")
         if args.world:
             apply_world(args)
         elif args.value is None and args.model == "toy":
@@ -240,7 +243,8 @@ def main(argv=None):
     grammar = worlds.grammar_check(args.reward)  # an embedded world's exact fluency measure, None for others
     judge = worlds.judge_of(args.reward)  # the rule that decides quality apart from a learned reward
     args.t_start = time.time()
-    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device,
+                                   tokenizer=args.tokenizer)
     if not os.path.exists(args.value) and (args.world or args.model == "toy"):
         world_value(args, model, enc)
     reward_fn = worlds.load_reward(args.reward, device=args.device)
@@ -274,7 +278,7 @@ def write_report(args, summaries, sweep, along, judge, n_prompts, sampling):
     columns = TABLE + (JUDGED if judge is not None else [])
     note = NOTE.format(prompts=n_prompts, samples=sampling.samples_per_prompt, seeds=len(args.seeds))
     write_outputs(summaries, sweep, args.out_dir, note, columns)
-    history = read_json(history_path(args.value)) if os.path.exists(history_path(args.value)) else None
+    history = read_json(history_path(args.value))["history"] if os.path.exists(history_path(args.value)) else None
     fluency = "grammatical" if worlds.grammar_check(args.reward) else "perplexity"
     plots = plot_all(args.out_dir, sweep, summaries, along, history, fluency)
     if judge is not None:

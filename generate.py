@@ -17,7 +17,9 @@ mean reward of each, and every response as a JSON line with --out.
     torchrun --standalone --nproc-per-node 8 generate.py --device cuda ...   # the same job on 8 GPUs
 """
 
+import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,7 +32,8 @@ from plumbing import parallel
 from plumbing.checkpoints import check_dtype_and_device, load_value, model_fingerprint
 from plumbing.cli import (add_config_arguments, add_task_arguments, checked, config_from_args, in_flags,
                           is_finite, is_whole, new_parser, require, run_cli, setting)
-from plumbing.files import check_not_an_input, check_overwrite, read_jsonl_made_by, write_jsonl
+from plumbing.files import (Lock, check_not_an_input, check_overwrite, check_writable, read_jsonl_made_by,
+                            remove_leftovers, write_jsonl)
 from plumbing.prompts import prompts_digest
 from plumbing.stop_strings import StopStrings
 from plumbing.tokenizer import end_of_sequence_ids, named_tokens
@@ -344,6 +347,10 @@ def script_parser(doc, prompts, sampling):
 
 def sampling_from_args(args, model, enc, prompts, config):
     """`config` with its length chosen for these prompts and its end tokens named by --eos."""
+    for stop in config.stop:
+        if stop in getattr(enc, "special_tokens_set", ()):
+            raise ValueError(f"--stop {stop!r} is a special token's text, and special tokens do not decode to "
+                             f"text, so it would never match; name it with --eos {stop!r}")
     config.max_new_tokens = response_length(model, enc, prompts, config.max_new_tokens)
     config.eos_ids = named_tokens(enc, args.eos) if args.eos else None
     return config
@@ -365,15 +372,26 @@ def main(argv=None):
         check_dtype_and_device(args.dtype, args.device)
         control_from_args(args, {})
         if args.out:
+            check_writable(args.out)
             check_not_an_input(args.out, {"prompt file": args.prompts, "value checkpoint": args.value})
             check_overwrite(args.out, None, read_jsonl_made_by, args.overwrite)
         return config_from_args(SamplingConfig, args)
 
     config = checked(parser, settings)
     args.device = parallel.start(args.device)  # under torchrun: join the other processes
+    with ExitStack() as held:  # one job at a time on --out, from before its check to after its write
+        if args.out and parallel.is_main():
+            held.enter_context(Lock(args.out))
+            remove_leftovers(os.path.dirname(os.path.abspath(args.out)))
+        return sample_and_write(args, config)
+
+
+def sample_and_write(args, config):
+    """generate.py's job once its flags are checked: every method over prompts and seeds, reported, written."""
     reward_fn = worlds.load_reward(args.reward, device=args.device)
     prompts = worlds.load_prompts(args.prompts, args.chat)
-    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device,
+                                   tokenizer=args.tokenizer)
     config = sampling_from_args(args, model, enc, prompts, config)
     values = {path: load_value(path, model, args.model, args.reward) for path in args.value or []}
     controls = {path: control_from_args(args, checkpoint.get("control") or {})

@@ -23,7 +23,7 @@ from evaluation.report import print_report
 from generate import SamplingConfig, response_length
 from plumbing.checkpoints import check_dtype_and_device
 from plumbing.cli import add_device_arguments, checked, new_parser, run_cli
-from plumbing.files import check_overwrite, read_jsonl_made_by, write_jsonl
+from plumbing.files import Lock, check_overwrite, read_jsonl_made_by, write_jsonl
 from train_value import CalibrationConfig, TrainingConfig, build_value
 from value import ValueConfig
 from worlds import toy
@@ -88,11 +88,12 @@ def main(argv=None):
     generations = os.path.join(out_dir, "test_generations.jsonl")
     made_by = {"tool": "recontrol.py", "model": args.model, "seeds": args.seeds,
                "samples_per_prompt": args.samples_per_prompt}
-    check_overwrite(generations, made_by, read_jsonl_made_by, args.overwrite)
-    value, control, _, summaries, records = learn_and_steer(model, enc, args.model, out_dir, seeds=args.seeds,
-                                                            samples_per_prompt=args.samples_per_prompt,
-                                                            overwrite=args.overwrite)
-    write_jsonl(generations, records, made_by)
+    with Lock(generations):  # one job at a time on the generations (V and its rollouts: build_value's locks)
+        check_overwrite(generations, made_by, read_jsonl_made_by, args.overwrite)
+        value, control, _, summaries, records = learn_and_steer(model, enc, args.model, out_dir, seeds=args.seeds,
+                                                                samples_per_prompt=args.samples_per_prompt,
+                                                                overwrite=args.overwrite)
+        write_jsonl(generations, records, made_by)
 
     # 5. the trade-off: alpha * n from 0 up, without the radius (the paper's E7) and with the calibrated one
     if args.sweep:

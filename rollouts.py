@@ -21,7 +21,8 @@ import torch
 from generate import row_seeds, sample
 from plumbing import parallel
 from plumbing.checkpoints import model_fingerprint
-from plumbing.files import differences, read_json, write_atomically, write_text_atomically
+from plumbing.files import (check_zip, differences, read_json, remove_leftovers, write_atomically,
+                            write_text_atomically)
 from plumbing.prompts import prompts_digest
 
 
@@ -49,6 +50,8 @@ def collect_rollouts(model, enc, prompts, reward_fn, folder, config, seed=0, sha
     if config.eos_ids is not None:  # recorded only when named, so folders made without --eos keep their settings
         settings["eos_ids"] = list(config.eos_ids)
     shard_paths = prepare_folder(folder, settings, overwrite)
+    if parallel.is_main():
+        remove_leftovers(folder, log)
     log(f"rollouts: {len(shard_paths)} shards already in {folder} are reused" if shard_paths else
         f"rollouts: collecting {config.samples_per_prompt} responses for each of {len(prompts)} prompts into {folder}")
     jobs = [(i, k) for i in range(len(prompts)) for k in range(config.samples_per_prompt)]  # (prompt, sample)
@@ -133,6 +136,12 @@ class Rollouts:
         if missing:
             raise FileNotFoundError(f"{len(missing)} rollout shards are missing (e.g. {missing[0]}); run the "
                                     "collection again to resume it")
+        for path in self.paths:  # a truncated shard or a flipped bit, named before any training
+            try:
+                check_zip(path, "rollout shard")
+            except ValueError as e:
+                raise ValueError(f"{e}; delete it and rerun the same command: the collection makes it again") \
+                    from None
         self.settings, self.drop_unfinished = meta["settings"], drop_unfinished
 
     def finished_fraction(self):

@@ -19,7 +19,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,7 +32,7 @@ from plumbing.checkpoints import (check_dtype_and_device, load_value, read_value
                                   value_provenance)
 from plumbing.cli import (add_config_arguments, checked, config_from_args, is_finite, is_whole, require,
                           run_cli, setting)
-from plumbing.files import check_overwrite, write_text_atomically
+from plumbing.files import Lock, check_overwrite, check_writable, remove_leftovers, write_text_atomically
 from rollouts import Rollouts, collect_rollouts, rollout_job
 from value import ValueConfig, ValueFunction, ValueReport, bellman_loss
 
@@ -108,8 +109,14 @@ class CalibrationConfig:
 
 
 def history_path(value_path):
-    """Where the per-epoch losses of a value checkpoint are kept (for plots)."""
+    """Where the per-epoch losses of a value checkpoint are kept (for plots), with what made them."""
     return os.path.splitext(value_path)[0] + "_history.json"
+
+
+def read_history_provenance(path):
+    """The provenance the measures of a value's training record (value_provenance, as its checkpoint)."""
+    with open(path) as f:
+        return json.load(f)["made_by"]
 
 
 @torch.no_grad()
@@ -238,6 +245,18 @@ def calibrate_control(model, enc, prompts, value, reward_fn, sampling, config, t
 
 def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config, training,
                 calibration, model_id, overwrite=False, shard_size=512, log=print):
+    """See build_value_locked: the same, one job at a time on `out` and on the rollout folder (a lock taken before
+    anything is checked and held until the last write; under torchrun, by rank 0)."""
+    with ExitStack() as held:
+        if parallel.is_main():
+            held.enter_context(Lock(out, log))
+            held.enter_context(Lock(rollouts_folder, log))
+        return build_value_locked(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config,
+                                  training, calibration, model_id, overwrite, shard_size, log)
+
+
+def build_value_locked(model, enc, prompts, reward_name, out, rollouts_folder, sampling, value_config, training,
+                       calibration, model_id, overwrite=False, shard_size=512, log=print):
     """Collect rollouts of `model` on `prompts` scored by the reward `reward_name` (into rollouts_folder), train
     V on them (TrainingConfig), calibrate its control on the held-out prompts (CalibrationConfig), and save it
     all to `out` (once, at the end; with the measures of every epoch beside it). sampling: a SamplingConfig with
@@ -250,6 +269,9 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
                   "training": asdict(training), "calibration": asdict(calibration)}
     provenance = value_provenance(model_id, model, reward_name, train_args)
     check_overwrite(out, provenance, read_value_provenance, overwrite)
+    check_overwrite(history_path(out), provenance, read_history_provenance, overwrite)
+    if parallel.is_main():
+        remove_leftovers(os.path.dirname(os.path.abspath(out)), log)
     collect_rollouts(model, enc, prompts, reward_fn, rollouts_folder, sampling, seed=training.seed,
                      shard_size=shard_size, made_by=job, overwrite=overwrite, log=log)
     train_ids, held_out_ids = split_prompts(len(prompts), training)
@@ -278,7 +300,7 @@ def build_value(model, enc, prompts, reward_name, out, rollouts_folder, sampling
             if radius is None else f"radius {radius:g}, stored with V; generate.py uses it unless given --radius")
     if parallel.is_main():  # under torchrun, rank 0 writes what every process computed
         save_value(out, value.cpu(), provenance, metrics=best, control=control)
-        write_text_atomically(history_path(out), json.dumps(history))
+        write_text_atomically(history_path(out), json.dumps({"made_by": provenance, "history": history}))
     parallel.barrier()  # the checkpoint is on disk before any process reads it
     _, checkpoint = load_value(out)
     log(f"value checkpoint: {out}")
@@ -322,21 +344,32 @@ def main(argv=None):
     def settings():  # every flag is checked before any work
         require((is_whole(args.shard_size, 1), f"--shard-size must be a whole number >= 1, got {args.shard_size}"))
         check_dtype_and_device(args.dtype, args.device)
-        check_overwrite(args.out, None, read_value_provenance, args.overwrite)
         config_from_args(ValueConfig, args, n_embd=1)
-        return (config_from_args(TrainingConfig, args), config_from_args(CalibrationConfig, args),
-                config_from_args(SamplingConfig, args))
+        configs = (config_from_args(TrainingConfig, args), config_from_args(CalibrationConfig, args),
+                   config_from_args(SamplingConfig, args))
+        check_writable(args.out)
+        if os.path.isfile(rollouts_of(args)):
+            raise ValueError(f"--rollouts {rollouts_of(args)} is a file; name a folder")
+        check_writable(os.path.join(rollouts_of(args), "shard"), "--rollouts")
+        check_overwrite(args.out, None, read_value_provenance, args.overwrite)
+        return configs
 
     training, calibration, sampling = checked(parser, settings)
     args.device = parallel.start(args.device)  # under torchrun: join the other processes
+    rollouts = rollouts_of(args)
     prompts = worlds.load_prompts(args.prompts, args.chat)
-    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, enc = worlds.load_model(args.model, dtype=args.dtype, device=args.device,
+                                   tokenizer=args.tokenizer)
     sampling = sampling_from_args(args, model, enc, prompts, sampling)
     value_config = config_from_args(ValueConfig, args, n_embd=model.config.n_embd)
-    rollouts = args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
     _, _, history = build_value(model, enc, prompts, args.reward, args.out, rollouts, sampling, value_config,
                                 training, calibration, args.model, args.overwrite, args.shard_size)
     return history
+
+
+def rollouts_of(args):
+    """--rollouts, by default a folder beside --out."""
+    return args.rollouts or os.path.splitext(args.out)[0] + "_rollouts"
 
 
 INTERRUPTED = "interrupted; rerun the same command to resume: the rollout shards written so far are kept"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import GPT, rope_frequencies
-from plumbing.files import write_atomically, write_text_atomically
+from plumbing.files import check_zip, write_atomically, write_text_atomically
 from plumbing.formats import load_hf, load_llama2c, load_meta_llama, load_native, resolve_dtype
 from plumbing.tokenizer import load_tokenizer
 from value import ValueConfig, ValueFunction
@@ -74,11 +74,17 @@ def from_pretrained(name_or_dir, dtype=None, device=None):
     return model.eval()
 
 
-def load_model(path, dtype=None, device=None):
+def load_model(path, dtype=None, device=None, tokenizer=None):
     """(model, tokenizer) of a checkpoint that from_pretrained reads, in `dtype` (default: as stored) on
-    `device` (default: cpu)."""
+    `device` (default: cpu); the tokenizer from `tokenizer` (a folder or a llama2.c .bin file), else beside the
+    weights. A tokenizer with more tokens than the model's vocabulary is refused."""
     model = from_pretrained(path, dtype=dtype, device=check_device(device))
-    return model, load_tokenizer(tokenizer_folder(path))
+    enc = load_tokenizer(tokenizer or tokenizer_folder(path))
+    if enc.n_vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer or tokenizer_folder(path)} has {enc.n_vocab} tokens, but "
+                         f"the model {path} has a vocabulary of {model.config.vocab_size}: they do not belong "
+                         "together; name the model's own tokenizer with --tokenizer PATH")
+    return model, enc
 
 
 def tokenizer_folder(spec):
@@ -175,6 +181,7 @@ def load_value(path, model=None, model_id=None, reward=None):
     trained for that model's states (and to predict that reward), and put V on the model's device."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"value checkpoint {path} does not exist; train one with train_value.py")
+    check_zip(path, "value checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config = ValueConfig(**checkpoint["config"])

@@ -6,12 +6,13 @@ documentation (field metadata "help"), and the dataclass's own checks say what i
 its fields, which this layer names as flags. The scripts build the dataclasses from flags, the tests directly.
 
 Exit codes: 0 done; 1 the run could not produce its output (nothing written); 2 a bad flag (nothing done);
-130 interrupted with Ctrl-C.
+130 interrupted with Ctrl-C, 143 stopped by SIGTERM.
 """
 
 import argparse
 import math
 import os
+import signal
 import sys
 import typing
 from dataclasses import field, fields
@@ -126,6 +127,9 @@ def add_task_arguments(parser, prompts="toy-test"):
                              "or module:function")
     parser.add_argument("--chat", default=None,
                         help="put each prompt in an instruct model's chat template: llama3 or vicuna")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the model's tokenizer: a folder, or a llama2.c .bin file such as tok512.bin "
+                             "(default: the one beside the weights)")
     add_device_arguments(parser)
 
 
@@ -137,15 +141,27 @@ def add_device_arguments(parser):
                              "its LOCAL_RANK)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, a container stopping): unwinds like Ctrl-C, so every `finally` runs."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
 def run_cli(main, interrupted="interrupted; nothing was written"):
     """Run a script's main(); a problem with its input ends with one line that names it, not a traceback
-    (exit code 1), and Ctrl-C with the line `interrupted` (exit code 130)."""
+    (exit code 1), and Ctrl-C or SIGTERM with the line `interrupted` (exit codes 130 and 143), after the same
+    cleanup (temporary files removed, locks released)."""
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(interrupted, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except KeyError as e:  # ours carry a sentence; str() would quote it
         sys.exit(f"error: {e.args[0] if e.args else e}")
     except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,21 +1,127 @@
 """
-Files that survive a crash and never replace another job's work: atomic writes, and the provenance record
-(`made_by`: the settings that made a file) checked before a run writes over what is there.
+Files that survive a crash and never replace another job's work: atomic writes (whose temporary files a rerun
+finds and removes), one job per output at a time (a lock), the provenance record (`made_by`: the settings that
+made a file) checked before a run writes over what is there, and the CRC-32 of every record of a file torch
+saved, checked when it is read.
 """
 
+import atexit
+import errno
 import json
 import os
+import re
+import zipfile
+
+LEFTOVER = re.compile(r"\.tmp(\d+)$")  # write_atomically's temporary files: <path>.tmp<pid of the writer>
 
 
 def write_atomically(path, write):
-    """write(tmp) then rename over `path`: a crash leaves the old file or the new one, never half of one."""
+    """write(tmp) then rename over `path`: a crash leaves the old file or the new one, never half of one. A
+    failed write (disk full, no permission) is an OSError that names the file; the old file stays."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
-    finally:  # a failed write (disk full, Ctrl-C) leaves no temporary file behind
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} (errno {e.errno}); the file that "
+                               "was there is unchanged") from None
+    except RuntimeError as e:  # torch's zip writer reports a full disk or a closed file this way
+        raise OSError(errno.EIO, f"could not write {path}: {str(e).splitlines()[0]}; the file that was there "
+                                 "is unchanged (is the disk full?)") from None
+    finally:  # a failed write (disk full, Ctrl-C, SIGTERM) leaves no temporary file behind
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def alive(pid):
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(folder, log=print):
+    """Remove the temporary files that killed writers left in `folder` (their process is gone); say which."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match = LEFTOVER.search(name)
+        if match and not alive(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    if removed:
+        log(f"removed {len(removed)} temporary files left by a process that was killed: {', '.join(removed)}")
+    return removed
+
+
+def check_writable(path, what="--out"):
+    """Before any work: the folder of `path` exists (or can be made) and can be written to."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: the folder {existing} cannot be written to; choose another path")
+
+
+class Lock:
+    """One job at a time on an output (a rollout folder, a checkpoint, a generations file): a lock file that
+    holds the owner's process id, made with O_EXCL, removed when the job ends however it ends. A lock whose
+    process is gone (a killed job) is taken over, and said so; a live one is an error that names its owner."""
+
+    def __init__(self, path, log=print):
+        self.path, self.log, self.held = path + ".lock", log, False
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                owner = self.owner()
+                if owner is not None and alive(owner) and owner != os.getpid():
+                    raise ValueError(f"{self.path[:-5]} is in use by another job (process {owner}); wait for it "
+                                     f"to end, or choose another path") from None
+                self.log(f"{self.path}: the job that held it (process {owner}) is gone; taking it over")
+                os.remove(self.path)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        self.held = True
+        atexit.register(self.release)
+        return self
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or -1)
+        except (OSError, ValueError):
+            return None
+
+    def release(self):
+        if self.held and self.owner() == os.getpid():
+            os.remove(self.path)
+        self.held = False
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def check_zip(path, what):
+    """A file torch saved is a zip whose every record carries a CRC-32: a truncated file or a flipped bit is a
+    ValueError that names the file, before torch reads it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{what} {path} is truncated or damaged ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise ValueError(f"{what} {path} is damaged: its record {bad} fails its CRC-32 check (a flipped bit)")
 
 
 def write_text_atomically(path, text):

@@ -347,7 +347,9 @@ def save_tokenizer(enc, folder):
 
 def load_tokenizer(folder):
     """A tiktoken.Encoding (or an object with the same encode/decode calls) built offline from a checkpoint folder,
-    BOS first where the checkpoint's tokenizer says so."""
+    BOS first where the checkpoint's tokenizer says so. A file is read as llama2.c's tokenizer (e.g. tok512.bin)."""
+    if os.path.isfile(folder) and folder.endswith(".bin"):
+        return read_llama2c_tokenizer(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     path = lambda *p: os.path.join(folder, *p)
@@ -382,7 +384,8 @@ def load_tokenizer(folder):
     raise FileNotFoundError(f"{folder} has no tokenizer files we can read: expected vocab.json + merges.txt "
                             "(GPT-2), encoder.json + vocab.bpe, tokenizer.model in tiktoken format (Llama 3), "
                             "tokenizer.bin (llama2.c), tiktoken.json + tokenizer.model (ours), or tokenizer.json "
-                            "(with `tokenizers`)")
+                            "(with `tokenizers`); or name the tokenizer with --tokenizer PATH (a llama2.c model's "
+                            "tok512.bin, say)")
 
 
 def end_of_sequence_ids(enc):

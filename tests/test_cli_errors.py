@@ -122,7 +122,7 @@ CASES = [  # (case, script, argv, exit code, what the message must say)
      "notes.txt exists and does not record what made it"),
     ("--out is another job's V", train_value, train("--out", "{value}"), 1,
      "value.pt was made with other settings ("),
-    ("--rollouts is a file", train_value, train("--rollouts", "{d}/notes.txt"), 1, "notes.txt is a file; name a folder"),
+    ("--rollouts is a file", train_value, train("--rollouts", "{d}/notes.txt"), 2, "notes.txt is a file; name a folder"),
     ("rewards all NaN", train_value, train("--reward", "reward_plugins:nan_reward"), 1, "returned nan for 90 of 90"),
 ]
 

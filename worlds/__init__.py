@@ -24,13 +24,14 @@ GRAMMARS = {"toy": toy.is_grammatical, "verdict-rm": toy.is_grammatical,  # the 
 JUDGES = {"verdict-rm": verdict.judge}  # the rule that decides quality apart from a learned reward
 
 
-def load_model(spec, dtype=None, device=None, log=print):
+def load_model(spec, dtype=None, device=None, log=print, tokenizer=None):
     """(model, tokenizer) of an embedded world's base model ("toy", "toy-long@2"; pretrained once and cached
-    under out/) or of any checkpoint from_pretrained reads; in `dtype` (default: as stored) on `device`."""
+    under out/) or of any checkpoint from_pretrained reads (its tokenizer: `tokenizer`, else the one beside it);
+    in `dtype` (default: as stored) on `device`."""
     if toy.is_variant(spec) or spec.split("@")[0] == "verdict":
         model, enc = toy.load_variant(spec, log=log) if toy.is_variant(spec) else verdict.base_model(spec, log)
         return model.to(dtype=resolve_dtype(dtype), device=checkpoints.check_device(device)), enc
-    return checkpoints.load_model(spec, dtype=dtype, device=device)
+    return checkpoints.load_model(spec, dtype=dtype, device=device, tokenizer=tokenizer)
 
 
 def load_prompts(spec, chat=None):

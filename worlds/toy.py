@@ -206,7 +206,7 @@ def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_conf
         with open(settings_path) as f:
             if json.load(f) == settings:
                 return from_pretrained(folder), load_tokenizer(folder)
-    log(f"pretraining the toy world's base model into {folder} (once; later runs reuse it)")
+    log(f"pretraining the base model into {folder} (once; later runs reuse it)")
     model, enc = pretrain(World(world_config), pretrain_config, log)
     save_pretrained(model, folder)
     save_tokenizer(enc, folder)

@@ -5,6 +5,8 @@ its output, 130 Ctrl-C), one line that names the problem, no traceback, and no f
 import gzip
 import hashlib
 import os
+import shutil
+import struct
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import generate
 import train_value
 from plumbing.checkpoints import save_pretrained
 from plumbing.cli import run_cli
-from conftest import FIXTURES
+from conftest import FIXTURES, ROLLOUT_FLAGS
 from model import GPT, GPTConfig
 from plumbing.tokenizer import save_tokenizer
 from worlds import toy
@@ -215,3 +217,115 @@ def test_the_steering_vector_with_few_distinct_rewards():
             for i, r in enumerate([0.0, 1.0, 1.0, 1.0]):
                 yield torch.tensor([[float(i), 0.0]]), torch.tensor(r)
     assert steering_vector(Rollouts(), [0]).tolist() == [2.0, 0.0]
+
+
+# -----------------------------------------------------------------------------
+# a bad day at the system level: signals, leftovers, full disks, damaged files, two jobs on one output
+
+
+def test_sigterm_is_handled_like_ctrl_c(inputs, capsys, monkeypatch):
+    import signal
+
+    def terminate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler, `timeout` or a container stop sends
+    monkeypatch.setattr(train_value.worlds, "load_prompts", terminate)
+    assert run(train_value, train()(inputs), capsys) == (143, "interrupted; rerun the same command to resume: "
+                                                              "the rollout shards written so far are kept\n")
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_writer_left(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    (runs / "v_rollouts").mkdir(parents=True)
+    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no process has it
+    (runs / f"v.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    (runs / "v_rollouts" / f"shard_00000.pt.tmp{dead}").write_bytes(b"half a shard")
+    argv = ["--model", os.path.join(FIXTURES, "base"), "--samples-per-prompt", "1", "--max-new-tokens", "8",
+            "--epochs", "1", "--calibration-samples", "1", "--out", str(runs / "v.pt")]
+    code, printed = run(train_value, argv, capsys)
+    assert code == 0 and printed.count("temporary files left by a process that was killed") == 2
+    assert not list(runs.rglob("*.tmp*")) and not list(runs.rglob("*.lock"))
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(inputs, capsys, monkeypatch):
+    monkeypatch.setattr(train_value.worlds, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, printed = run(train_value, train("--out", "{d}/notes.txt/v.pt")(inputs), capsys)
+    assert code == 2 and "notes.txt is a file, not a folder" in printed
+    monkeypatch.setattr(generate.worlds, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, printed = run(generate, gen("--out", "{d}/notes.txt/gen.jsonl")(inputs), capsys)
+    assert code == 2 and "notes.txt is a file, not a folder" in printed
+
+
+def test_a_full_disk_is_one_line_that_names_the_file_and_the_old_file_stays(tmp_path):
+    import subprocess
+    import sys
+    old = tmp_path / "v.pt"
+    old.write_bytes(b"the previous checkpoint")
+    script = ("import resource, signal, sys, torch\n"
+              "sys.path.insert(0, sys.argv[2])\n"
+              "from plumbing.cli import run_cli\n"
+              "from plumbing.files import write_atomically\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a disk with 4 KB left\n"
+              "run_cli(lambda: write_atomically(sys.argv[1], lambda p: torch.save(torch.zeros(10000), p)))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, str(old), root], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"could not write {old}" in done.stderr and "Traceback" not in done.stderr
+    assert old.read_bytes() == b"the previous checkpoint" and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_flipped_bit_in_a_value_checkpoint_is_refused(inputs, tmp_path, capsys):
+    import zipfile
+    damaged = tmp_path / "value.pt"
+    shutil.copy(os.path.join(FIXTURES, "value.pt"), damaged)
+    with zipfile.ZipFile(damaged) as archive:  # a byte inside the first tensor's data
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(damaged.read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)  # the local header's
+    data[info.header_offset + 30 + name_length + extra_length + 5] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    code, printed = run(generate, gen("--value", str(damaged))(inputs), capsys)
+    assert code == 1 and f"value checkpoint {damaged} is damaged" in printed and "CRC-32" in printed
+
+
+def test_a_truncated_rollout_shard_is_named_with_what_to_do(inputs, tiny_rollouts, tmp_path, capsys):
+    folder = tmp_path / "rollouts"
+    shutil.copytree(tiny_rollouts, folder)
+    shard = sorted(folder.glob("shard_*.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
+    code, printed = run(train_value, ["--model", os.path.join(FIXTURES, "base"), "--rollouts", str(folder),
+                                      "--out", str(tmp_path / "v.pt"), *ROLLOUT_FLAGS, "--epochs", "1"], capsys)
+    assert code == 1 and f"rollout shard {shard} is truncated or damaged" in printed
+    assert "delete it and rerun the same command" in printed
+
+
+def test_two_jobs_on_one_output_the_second_is_refused_and_a_dead_ones_lock_is_taken_over(inputs, tmp_path,
+                                                                                         capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "v.pt"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "v.pt.lock").write_text(str(other.pid))  # another job, alive, holds --out
+        code, printed = run(train_value, train("--out", str(out))(inputs), capsys)
+        assert code == 1 and f"is in use by another job (process {other.pid})" in printed and not out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    code, printed = run(train_value, train("--out", str(out))(inputs), capsys)  # its process is gone now
+    assert code == 0 and f"the job that held it (process {other.pid}) is gone; taking it over" in printed
+    assert out.exists() and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_stop_string_that_is_a_special_token_points_to_eos(inputs, capsys):
+    code, printed = run(generate, gen("--stop", "<|endoftext|>")(inputs), capsys)
+    assert code == 1 and "is a special token's text" in printed and "--eos '<|endoftext|>'" in printed
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path, capsys):
+    small = tmp_path / "small"
+    save_pretrained(GPT(GPTConfig(vocab_size=100, block_size=48, n_layer=1, n_head=2, n_embd=16)), str(small))
+    code, printed = run(generate, ["--model", str(small), "--tokenizer", os.path.join(FIXTURES, "base"),
+                                   "--max-new-tokens", "4"], capsys)
+    assert code == 1 and "tokens, but the model" in printed and "a vocabulary of 100" in printed

@@ -329,3 +329,33 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path, caps
     code, printed = run(generate, ["--model", str(small), "--tokenizer", os.path.join(FIXTURES, "base"),
                                    "--max-new-tokens", "4"], capsys)
     assert code == 1 and "tokens, but the model" in printed and "a vocabulary of 100" in printed
+
+
+def test_the_history_beside_a_value_is_checked_like_the_value(inputs, tmp_path, capsys):
+    out = tmp_path / "v.pt"
+    (tmp_path / "v_history.json").write_text('{"made_by": {"reward": "another job"}, "history": []}')
+    code, printed = run(train_value, train("--out", str(out))(inputs), capsys)
+    assert code == 1 and "v_history.json was made with other settings" in printed and not out.exists()
+
+
+@pytest.mark.slow
+def test_two_different_jobs_started_together_on_one_folder_never_mix(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["train_value.py", "--model", os.path.join(FIXTURES, "base"), "--samples-per-prompt", "2",
+              "--max-new-tokens", "16", "--epochs", "2", "--calibration-samples", "1", "--shard-size", "16",
+              "--rollouts", str(tmp_path / "rollouts")]
+    jobs = [subprocess.Popen([sys.executable, *common, "--seed", str(seed), "--out", str(tmp_path / f"v{seed}.pt")],
+                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in (0, 1)]
+    results = [(job.wait(timeout=300), job.stderr.read()) for job in jobs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results  # one job did its work; the other was refused, whenever it came
+    winner = [seed for seed, (code, _) in enumerate(results) if code == 0][0]
+    refused = [err for code, err in results if code == 1][0]
+    assert "is in use by another job" in refused or "made with other settings" in refused, refused
+    import json
+    settings = json.loads((tmp_path / "rollouts" / "rollouts.json").read_text())["settings"]
+    assert settings["seed"] == winner and not (tmp_path / f"v{1 - winner}.pt").exists()
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp*"))

@@ -1,6 +1,6 @@
 """
-Decode and prefill speed of model.py against transformers' generate, same random GPT-2-small (124M) weights,
-same machine, same run: greedy, a 32-token prompt, 64 new tokens, batch 1 and 8.
+Decode and prefill speed of model.py against transformers' generate, same random GPT-2-small (124M)
+weights, same machine, same run: greedy, a 32-token prompt, 64 new tokens, batch 1 and 8.
 
     python benchmarks/bench_model.py
     python benchmarks/bench_model.py --device cuda --dtype bfloat16 --batch-sizes 1 8 64
@@ -21,7 +21,8 @@ from generate import SamplingConfig, sample  # noqa: E402
 
 def main(argv=None):
     parser = benchmark_parser(__doc__, new_tokens=64)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
+                        help="batch sizes to measure")
     args = parser.parse_args(argv)
     apply_threads(args)
 
@@ -33,19 +34,20 @@ def main(argv=None):
         ours = from_pretrained(folder, dtype=args.dtype, device=args.device)
     ref.to(dtype=ours.wte.weight.dtype, device=args.device)
     print("GPT-2 small, random weights")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'ours prefill tok/s':>19} "
-          f"{'HF prefill tok/s':>17}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} "
+          f"{'ours prefill tok/s':>19} {'HF prefill tok/s':>17}")
     for B in args.batch_sizes:
         prompt = torch.randint(0, 50257, (B, args.prompt_tokens), device=args.device)
         n = args.new_tokens
 
         def ours_generate():
-            sample(ours, prompt.tolist(), SamplingConfig(max_new_tokens=n, temperature=0, eos_ids=[]))
+            sample(ours, prompt.tolist(),
+                   SamplingConfig(max_new_tokens=n, temperature=0, eos_ids=[]))
 
         def hf_generate():
             with torch.no_grad():
-                ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
+                ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)
 
         def ours_prefill():
             with torch.no_grad():

@@ -1,5 +1,5 @@
-"""What the speed benchmarks share: the best of a few timed runs after a warm-up (waiting for the GPU, if any, to
-finish), and their flags."""
+"""What the speed benchmarks share: the best of a few timed runs after a warm-up (waiting for the
+GPU, if any, to finish), and their flags."""
 
 import argparse
 import time
@@ -8,14 +8,20 @@ import torch
 
 
 def benchmark_parser(doc, new_tokens):
-    """A parser with the flags every speed benchmark has: the shape of the job, the repeats and the threads."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens per row (random prompts)")
-    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per row")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up; the best is reported")
+    """A parser with the flags every speed benchmark has: the shape of the job, the repeats and the
+    threads."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=32,
+                        help="prompt tokens per row (random prompts)")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens,
+                        help="tokens generated per row")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats after a warm-up; the best is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
-    parser.add_argument("--dtype", default="float32", help="dtype of the model: float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="float32",
+                        help="dtype of the model: float32, bfloat16 or float16")
     return parser
 
 
@@ -34,8 +40,9 @@ def best_time(fn, repeats):
 
 
 def best_times(fns, repeats):
-    """{name: the shortest wall time of `repeats` calls of fn} for a dict of fns, after one warm-up call each. The
-    calls take turns (round after round), so a slow spell of a shared machine slows every fn, not one alone."""
+    """{name: the shortest wall time of `repeats` calls of fn} for a dict of fns, after one warm-up
+    call each. The calls take turns (round after round), so a slow spell of a shared machine slows
+    every fn, not one alone."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -50,6 +57,7 @@ def best_times(fns, repeats):
 
 
 def synchronize():
-    """Wait for the GPU's queued work (a no-op without one), so that a time is the work's, not its queueing's."""
+    """Wait for the GPU's queued work (a no-op without one), so that a time is the work's, not its
+    queueing's."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -1,1 +1,2 @@
-"""Course mode: student copies with the exercises blanked (assignment.py), run as `python -m course.assignment`."""
+"""Course mode: student copies with the exercises blanked (assignment.py), run as `python -m
+course.assignment`."""

@@ -3,9 +3,9 @@ The paper's evaluation (docs/method.md, E8), each metric a function of its own.
 
 - mean reward, and its spread over seeds;
 - diversity: prod_{n=2..4} (1 - rep_n), rep_n = 1 - unique n-grams / n-grams of a response;
-- coherence: cosine similarity of sentence embeddings of prompt and response. The paper uses SimCSE, which
-  cannot be downloaded here; the embedding is the mean of the *base model's own* states o_t over the tokens
-  of a text, read alone. Said so wherever it is printed;
+- coherence: cosine similarity of sentence embeddings of prompt and response. The paper uses
+  SimCSE, which cannot be downloaded here; the embedding is the mean of the *base model's own*
+  states o_t over the tokens of a text, read alone. Said so wherever it is printed;
 - perplexity of the responses under the base model;
 - mean per-token KL from the base model's next-token distribution (recorded by generate.sample);
 - in the toy world, the exact grammatical fraction (worlds/toy.py, is_grammatical);
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from model import left_pad
 
-COHERENCE_NOTE = ("coherence: cosine of mean-pooled base-model states of prompt and response (SimCSE is not "
-                  "available offline)")
+COHERENCE_NOTE = ("coherence: cosine of mean-pooled base-model states of prompt and response "
+                  "(SimCSE is not available offline)")
 
 
 def mean_and_spread(values):
@@ -31,9 +31,9 @@ def mean_and_spread(values):
 
 
 def diversity(responses):
-    """E8: mean over responses (lists of token ids) of prod_{n=2..4} (1 - rep_n); n-grams a response is too
-    short to have do not count against it."""
-    # >>> exercise E8: for each response, the product over n = 2, 3, 4 of unique n-grams / n-grams; then their mean
+    """E8: mean over responses (lists of token ids) of prod_{n=2..4} (1 - rep_n); n-grams a response
+    is too short to have do not count against it."""
+    # >>> exercise E8: per response, the product over n = 2, 3, 4 of unique / all n-grams; the mean
     scores = []
     for tokens in responses:
         score = 1.0
@@ -60,28 +60,33 @@ def sentence_embeddings(model, texts_ids, batch_size=64):
 
 
 def coherence(model, prompts_ids, responses_ids):
-    """Mean cosine similarity between the embeddings of each prompt and its response (empty responses skipped)."""
+    """Mean cosine similarity between the embeddings of each prompt and its response (empty
+    responses skipped)."""
     pairs = [(p, r) for p, r in zip(prompts_ids, responses_ids) if r]
     if not pairs:
         return float("nan")
     prompts, responses = zip(*pairs)
-    cos = F.cosine_similarity(sentence_embeddings(model, list(prompts)), sentence_embeddings(model, list(responses)))
+    cos = F.cosine_similarity(sentence_embeddings(model, list(prompts)),
+                              sentence_embeddings(model, list(responses)))
     return cos.mean().item()
 
 
 @torch.no_grad()
 def perplexity(model, prompts_ids, responses_ids, batch_size=64):
-    """exp of the mean negative log-likelihood, per response token, of the responses given their prompts."""
+    """exp of the mean negative log-likelihood, per response token, of the responses given their
+    prompts."""
     total_nll, total_tokens = 0.0, 0
     device = model.wte.weight.device
     rows = [(p, r) for p, r in zip(prompts_ids, responses_ids) if r]
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         idx, mask = left_pad([p + r for p, r in chunk], device)
-        logp = model.head(model.states(idx, attention_mask=mask)).float().log_softmax(-1)  # (B, T, vocab)
+        # (B, T, vocab)
+        logp = model.head(model.states(idx, attention_mask=mask)).float().log_softmax(-1)
         T = idx.shape[1]
         for i, (_, r) in enumerate(chunk):
-            # response token j sits at position T - len(r) + j and is predicted from the position before it
+            # response token j sits at position T - len(r) + j and is predicted from the position
+            # before it
             positions = torch.arange(T - len(r) - 1, T - 1, device=device)
             total_nll -= logp[i, positions, idx[i, positions + 1]].sum().item()
             total_tokens += len(r)
@@ -89,7 +94,9 @@ def perplexity(model, prompts_ids, responses_ids, batch_size=64):
 
 
 def grammatical_fraction(responses, is_grammatical):
-    return statistics.fmean(bool(is_grammatical(r)) for r in responses) if responses else float("nan")
+    if not responses:
+        return float("nan")
+    return statistics.fmean(bool(is_grammatical(r)) for r in responses)
 
 
 def throughput(n_tokens, n_responses, seconds):

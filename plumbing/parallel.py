@@ -1,16 +1,18 @@
 """
-Data parallelism with torchrun: the same script runs in N processes (one per GPU, or several on a CPU), each takes
-every N-th batch of the work, and the results are shared in batch order, so the N processes together produce what
-one process produces alone.
+Data parallelism with torchrun: the same script runs in N processes (one per GPU, or several on a
+CPU), each takes every N-th batch of the work, and the results are shared in batch order, so the N
+processes together produce what one process produces alone.
 
     torchrun --nproc-per-node 8 train_value.py --device cuda ...       # the 8 GPUs of one node
-    torchrun --nnodes 2 --nproc-per-node 8 --node-rank K --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        train_value.py --device cuda ...                                # two nodes (K = 0 and 1), one shared disk
+    # two nodes (K = 0 and 1), one shared disk:
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank K --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 train_value.py --device cuda ...
 
-Why whole batches, and not prompts, are dealt out: a batch that runs in another process is the same batch (the same
-rows, the same padding), so its numbers are the same to the last bit on the same kind of device and thread count;
-and every response draws its random numbers from its own seed (generate.row_seeds), never from its batch's or
-its process's. Without torchrun (no WORLD_SIZE) every function here is the one-process identity.
+Why whole batches, and not prompts, are dealt out: a batch that runs in another process is the same
+batch (the same rows, the same padding), so its numbers are the same to the last bit on the same
+kind of device and thread count; and every response draws its random numbers from its own seed
+(generate.row_seeds), never from its batch's or its process's. Without torchrun (no WORLD_SIZE)
+every function here is the one-process identity.
 """
 
 import atexit
@@ -23,9 +25,9 @@ import torch.distributed as dist
 
 
 def start(device):
-    """Join torchrun's process group when torchrun launched the script (WORLD_SIZE > 1): gloo between processes on
-    CPUs, nccl between GPUs, each process on the GPU of its LOCAL_RANK. Only rank 0 prints; every rank reports its
-    errors. Returns the device this process computes on."""
+    """Join torchrun's process group when torchrun launched the script (WORLD_SIZE > 1): gloo
+    between processes on CPUs, nccl between GPUs, each process on the GPU of its LOCAL_RANK. Only
+    rank 0 prints; every rank reports its errors. Returns the device this process computes on."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     on_gpu = device is not None and torch.device(device).type == "cuda"  # None: the default, cpu
@@ -58,7 +60,8 @@ def is_main():
 
 
 def barrier():
-    """Wait until every process gets here (e.g. every rollout shard is on disk before training reads them)."""
+    """Wait until every process gets here (e.g. every rollout shard is on disk before training reads
+    them)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -70,18 +73,21 @@ def my_share(n):
 
 def my_batches(n_jobs, batch_size):
     """The batches [start, end) of n_jobs jobs that this process runs."""
-    return [(b * batch_size, min((b + 1) * batch_size, n_jobs)) for b in my_share(math.ceil(n_jobs / batch_size))]
+    return [(b * batch_size,
+             min((b + 1) * batch_size, n_jobs)) for b in my_share(math.ceil(n_jobs / batch_size))]
 
 
 def map_batches(n_jobs, batch_size, run):
-    """run(start, end) on this process's batches; returns the results of every batch, in batch order, to every
-    process. The results travel pickled: keep them small and on the CPU (lists, floats, strings)."""
+    """run(start, end) on this process's batches; returns the results of every batch, in batch
+    order, to every process. The results travel pickled: keep them small and on the CPU (lists,
+    floats, strings)."""
     mine = [run(start, end) for start, end in my_batches(n_jobs, batch_size)]
     if world_size() == 1:
         return mine
     everyone = [None] * world_size()
     dist.all_gather_object(everyone, mine)
-    return [everyone[b % world_size()][b // world_size()] for b in range(math.ceil(n_jobs / batch_size))]
+    n = world_size()
+    return [everyone[b % n][b // n] for b in range(math.ceil(n_jobs / batch_size))]
 
 
 def total(x):
@@ -96,21 +102,24 @@ def total(x):
 
 
 def split_loss(module, loss_fn, states, mask, rewards, terms):
-    """loss_fn(module, states, mask, rewards) on this process's rows of the batch (every N-th), weighted by their
-    share of the batch's terms(mask) (what the loss averages over) times N: the mean of the N processes' losses,
-    and of their gradients (what DistributedDataParallel averages), is the loss of the whole batch. In one
-    process, the loss of the whole batch."""
+    """loss_fn(module, states, mask, rewards) on this process's rows of the batch (every N-th),
+    weighted by their share of the batch's terms(mask) (what the loss averages over) times N: the
+    mean of the N processes' losses, and of their gradients (what DistributedDataParallel averages),
+    is the loss of the whole batch. In one process, the loss of the whole batch."""
     part = slice(rank(), None, world_size())
     share = terms(mask[part]) / terms(mask)
-    if not share:  # no row of this (short, last) batch here: the process still joins the average, with zeros
+    # no row of this (short, last) batch here: the process still joins the average, with zeros
+    if not share:
         return module(states[:1]).sum() * 0
     return loss_fn(module, states[part], mask[part], rewards[part]) * (share * world_size())
 
 
 def data_parallel(module):
-    """The module wrapped in DistributedDataParallel when there are several processes: backward() then averages the
-    gradients over the processes before the optimizer steps, so every copy stays the same."""
+    """The module wrapped in DistributedDataParallel when there are several processes: backward()
+    then averages the gradients over the processes before the optimizer steps, so every copy stays
+    the same."""
     if world_size() == 1:
         return module
     device = next(module.parameters()).device
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)

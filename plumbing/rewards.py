@@ -1,9 +1,10 @@
 """
-Rewards R(x, y) (docs/method.md, E4). Every reward has one interface, reward(prompts, responses) -> tensor (N,),
-higher is better:
+Rewards R(x, y) (docs/method.md, E4). Every reward has one interface, reward(prompts, responses) ->
+tensor (N,), higher is better:
 - "sentiment": an English sentiment lexicon with negation, so GPT-2 can be steered out of the box;
-- "rm:<folder>": a reward model (GPT2ForSequenceClassification, LlamaForSequenceClassification or UltraRM
-  weights) read through model.py, the paper's set-up; "rm:<folder>::ultrarm" lays the text out as UltraRM expects;
+- "rm:<folder>": a reward model (GPT2ForSequenceClassification, LlamaForSequenceClassification or
+  UltraRM weights) read through model.py, the paper's set-up; "rm:<folder>::ultrarm" lays the text
+  out as UltraRM expects;
 - "<module>:<function>": any function of that signature that Python can import;
 - the embedded worlds' own rewards, by name (worlds/).
 """
@@ -18,7 +19,8 @@ from plumbing.tokenizer import load_tokenizer
 
 
 def lexicon_sentiment(text, positive, negative, negators=("not",)):
-    """Mean polarity of the sentiment words in `text`, each flipped by a negator earlier in its sentence.
+    """Mean polarity of the sentiment words in `text`, each flipped by a negator earlier in its
+    sentence.
 
     In [-1, 1]; 0 when the text has no sentiment word. Works on any text, grammatical or not.
     """
@@ -36,7 +38,8 @@ def lexicon_sentiment(text, positive, negative, negators=("not",)):
 
 
 class CountingReward:
-    """A reward function that counts how many responses it scored: the real cost of reward-guided methods."""
+    """A reward function that counts how many responses it scored: the real cost of reward-guided
+    methods."""
 
     def __init__(self, reward_fn):
         self.reward_fn, self.calls = reward_fn, 0
@@ -46,16 +49,17 @@ class CountingReward:
         return self.reward_fn(prompts, responses)
 
 
-ENGLISH_POSITIVE = set("""good great excellent amazing wonderful fantastic lovely love loved loves like liked enjoy
-enjoyed happy glad pleased delightful beautiful brilliant superb perfect best better nice fine fun kind helpful
-awesome favorite impressive outstanding remarkable pleasant charming recommend recommended success successful win
-wins won positive joy joyful grateful thankful calm safe strong bright clean fresh warm friendly gentle easy
-exciting excited inspiring cheerful""".split())
-ENGLISH_NEGATIVE = set("""bad terrible awful horrible poor worst worse hate hated hates dislike disliked sad angry
-annoying annoyed boring bored ugly disgusting disappointing disappointed fail failed failure broken wrong useless
-waste wasted painful pain hurt sick dead death die died kill killed fear afraid scary weak dirty cold harsh hard
-difficult nasty stupid problem problems negative lose lost loss cry crying unhappy upset miserable lonely tired
-evil""".split())
+ENGLISH_POSITIVE = set("""good great excellent amazing wonderful fantastic lovely love loved
+loves like liked enjoy enjoyed happy glad pleased delightful beautiful brilliant superb perfect
+best better nice fine fun kind helpful awesome favorite impressive outstanding remarkable
+pleasant charming recommend recommended success successful win wins won positive joy joyful
+grateful thankful calm safe strong bright clean fresh warm friendly gentle easy exciting excited
+inspiring cheerful""".split())
+ENGLISH_NEGATIVE = set("""bad terrible awful horrible poor worst worse hate hated hates dislike
+disliked sad angry annoying annoyed boring bored ugly disgusting disappointing disappointed fail
+failed failure broken wrong useless waste wasted painful pain hurt sick dead death die died kill
+killed fear afraid scary weak dirty cold harsh hard difficult nasty stupid problem problems
+negative lose lost loss cry crying unhappy upset miserable lonely tired evil""".split())
 ENGLISH_NEGATORS = ("not", "no", "never", "nothing", "nobody", "neither", "nor", "without")
 
 
@@ -65,20 +69,23 @@ def english_sentiment(prompts, responses):
 
 
 RM_FORMATS = {  # rm:<folder>::<format>: the text a reward model reads
-    "plain": "{prompt}{response}",  # HH-RLHF reward models: the prompt is already "\n\nHuman: ...\n\nAssistant:"
+    # HH-RLHF reward models: the prompt is already "\n\nHuman: ...\n\nAssistant:"
+    "plain": "{prompt}{response}",
     "ultrarm": "Human: {prompt}\nAssistant: {response}",  # UltraRM
 }
 
 
 class RewardModel:
-    """A sequence-classification model (or UltraRM's regression head) as R: its score of prompt + response, laid
-    out as `template` says, read at the last token, in batches."""
+    """A sequence-classification model (or UltraRM's regression head) as R: its score of prompt +
+    response, laid out as `template` says, read at the last token, in batches."""
 
-    def __init__(self, folder, dtype=None, device=None, batch_size=16, template=RM_FORMATS["plain"]):
+    def __init__(self, folder, dtype=None, device=None, batch_size=16,
+                 template=RM_FORMATS["plain"]):
         self.model = from_pretrained(folder, dtype=dtype, device=device)
         if not self.model.config.n_labels:
             raise ValueError(f"{folder} is a language model, not a reward model; rm: needs a "
-                             "GPT2ForSequenceClassification or LlamaForSequenceClassification checkpoint")
+                             "GPT2ForSequenceClassification or LlamaForSequenceClassification "
+                             "checkpoint")
         self.tokenizer = load_tokenizer(tokenizer_folder(folder))
         self.batch_size, self.template = batch_size, template
 
@@ -96,8 +103,9 @@ class RewardModel:
 
 
 class CheckedReward:
-    """A reward function whose every answer is checked: one finite number per response, as a float tensor (N,).
-    A reward that raises, or answers with the wrong shape or NaN, is an error that names it."""
+    """A reward function whose every answer is checked: one finite number per response, as a float
+    tensor (N,). A reward that raises, or answers with the wrong shape or NaN, is an error that
+    names it."""
 
     def __init__(self, function, name):
         self.function, self.name = function, name
@@ -110,26 +118,30 @@ class CheckedReward:
             raise ValueError(f"reward {self.name!r} failed on {len(responses)} responses: "
                              f"{type(e).__name__}: {e}") from e
         if scores.shape != (len(responses),):
-            raise ValueError(f"reward {self.name!r} returned shape {tuple(scores.shape)} for {len(responses)} "
-                             f"responses; it must return one number per response, shape ({len(responses)},)")
+            raise ValueError(f"reward {self.name!r} returned shape {tuple(scores.shape)} for "
+                             f"{len(responses)} responses; it must return one number per "
+                             f"response, shape ({len(responses)},)")
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"reward {self.name!r} returned {scores[bad[0]].item()} for {len(bad)} of "
-                             f"{len(responses)} responses (e.g. {responses[bad[0]]!r}); it must return finite numbers")
+            raise ValueError(f"reward {self.name!r} returned {scores[bad[0]].item()} for "
+                             f"{len(bad)} of {len(responses)} responses (e.g. "
+                             f"{responses[bad[0]]!r}); it must return finite numbers")
         return scores
 
 
 def load_reward(spec, device=None, named=None):
-    """The reward function named by `spec` (see the top of this file), its answers checked (CheckedReward);
-    `named`: more rewards by name ({name: function}, the embedded worlds')."""
+    """The reward function named by `spec` (see the top of this file), its answers checked
+    (CheckedReward); `named`: more rewards by name ({name: function}, the embedded worlds')."""
     rewards = {**(named or {}), "sentiment": english_sentiment}
     if spec in rewards:
         return CheckedReward(rewards[spec], spec)
     if spec.startswith("rm:"):
         folder, _, form = spec[3:].partition("::")
         if form and form not in RM_FORMATS:
-            raise ValueError(f"reward {spec!r}: unknown format {form!r} after '::'; use one of {', '.join(RM_FORMATS)}")
-        return CheckedReward(RewardModel(folder, device=device, template=RM_FORMATS[form or "plain"]), spec)
+            raise ValueError(f"reward {spec!r}: unknown format {form!r} after '::'; use one of "
+                             f"{', '.join(RM_FORMATS)}")
+        return CheckedReward(RewardModel(folder, device=device,
+                                         template=RM_FORMATS[form or "plain"]), spec)
     if ":" in spec:
         module_name, function_name = spec.rsplit(":", 1)
         try:
@@ -140,5 +152,5 @@ def load_reward(spec, device=None, named=None):
         if not callable(function):
             raise ValueError(f"reward {spec!r}: {function_name} is not callable")
         return CheckedReward(function, spec)
-    raise ValueError(f"unknown reward {spec!r}; use one of {', '.join(rewards)}, rm:<reward model folder>, "
-                     "or module:function")
+    raise ValueError(f"unknown reward {spec!r}; use one of {', '.join(rewards)}, rm:<reward model "
+                     "folder>, or module:function")

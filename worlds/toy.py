@@ -1,17 +1,20 @@
 """
-The embedded default: a small world in which RE-Control can be run end to end on a laptop CPU, no downloads.
+The embedded default: a small world in which RE-Control can be run end to end on a laptop CPU, no
+downloads.
 
-- A synthetic language of product reviews from a seeded probabilistic grammar. A prompt names a reviewer and
-  a product ("ann reviews the drone :"); the response is one to three short sentences ("the battery is not
-  very good . i would recommend it ."). Each product has a hidden quality and each reviewer a mood, so the
-  base model's responses are mixed, and some prompts lean positive, others negative.
+- A synthetic language of product reviews from a seeded probabilistic grammar. A prompt names a
+  reviewer and a product ("ann reviews the drone :"); the response is one to three short sentences
+  ("the battery is not very good . i would recommend it ."). Each product has a hidden quality and
+  each reviewer a mood, so the base model's responses are mixed, and some prompts lean positive,
+  others negative.
 - The reward R (E4) is the sentiment of the response, from a lexicon with negation: in [-1, 1].
 - `is_grammatical` checks a text against the grammar exactly, so fluency is measured, not guessed.
 - A byte-level tiktoken encoding whose extra tokens are the words of the language, one token each.
-- A small GPT-2-architecture base model from model.py, pretrained here on the CPU and cached under out/.
+- A small GPT-2-architecture base model from model.py, pretrained here on the CPU and cached under
+  out/.
 - Prompts split into train and test, so the value function is judged on prompts it never saw.
 
-    python generate.py            # pretrains the base model the first time, then prints samples and their rewards
+    python generate.py      # pretrains the base model the first time, then prints samples, rewards
 """
 
 import json
@@ -33,8 +36,8 @@ from plumbing.tokenizer import byte_encoding, load_tokenizer, save_tokenizer
 # the language
 
 NAMES = ["ann", "bob", "cleo", "dan", "eve", "finn", "gus", "hana", "ivan", "jo"]
-PRODUCTS = ["phone", "laptop", "tablet", "watch", "speaker", "camera", "printer", "router", "monitor",
-            "blender", "kettle", "drone"]
+PRODUCTS = ["phone", "laptop", "tablet", "watch", "speaker", "camera", "printer", "router",
+            "monitor", "blender", "kettle", "drone"]
 ASPECTS = ["screen", "battery", "price", "design", "sound", "speed", "build", "support"]
 GOOD_ADJECTIVES = ["great", "good", "excellent", "lovely", "superb", "solid"]
 BAD_ADJECTIVES = ["bad", "poor", "awful", "terrible", "weak", "flimsy"]
@@ -83,9 +86,10 @@ class World:
         return 1 / (1 + math.exp(-(self.quality[product] + self.mood[name])))
 
     def sample_response(self, name, product, rng):
-        """A response from the grammar: a few sentences (config.sentences). The review is positive with the
-        prompt's positive rate, and each sentence follows the review's polarity with probability `coherence`
-        (reviews are coherent, so the model must carry "how the review is going" in its state)."""
+        """A response from the grammar: a few sentences (config.sentences). The review is positive
+        with the prompt's positive rate, and each sentence follows the review's polarity with
+        probability `coherence` (reviews are coherent, so the model must carry "how the review is
+        going" in its state)."""
         review_good = rng.random() < self.positive_rate(name, product)
         sentences = []
         for _ in range(rng.choices(self.config.sentences, weights=self.config.sentence_weights)[0]):
@@ -107,9 +111,10 @@ class World:
 
 
 def encoding():
-    """Bytes, then every word of the language as one token (" great", and prompt-initial "ann"), then EOS."""
-    words = NAMES + [" " + w for w in NAMES + PRODUCTS + ASPECTS + GOOD_ADJECTIVES + BAD_ADJECTIVES +
-                     INTENSIFIERS + GOOD_VERBS + BAD_VERBS + FUNCTION_WORDS]
+    """Bytes, then every word of the language as one token (" great", and prompt-initial "ann"),
+    then EOS."""
+    words = NAMES + [" " + w for w in NAMES + PRODUCTS + ASPECTS + GOOD_ADJECTIVES
+                     + BAD_ADJECTIVES + INTENSIFIERS + GOOD_VERBS + BAD_VERBS + FUNCTION_WORDS]
     return byte_encoding(words, name="toyworld")
 
 
@@ -133,13 +138,15 @@ def _is_sentence(w):
         return w[2:] in (["recommend", "it"], ["not", "recommend", "it"])
     if w[:1] == ["i"]:
         rest = w[3:] if w[1:3] == ["do", "not"] else w[1:]
-        return len(rest) == 3 and rest[0] in GOOD_VERBS + BAD_VERBS and rest[1] == "the" and rest[2] in ASPECTS
+        return len(rest) == 3 and rest[0] in GOOD_VERBS + BAD_VERBS and rest[1] == "the" \
+            and rest[2] in ASPECTS
     return False
 
 
 def is_grammatical(response):
-    """Exactly: is `response` a sequence of sentences of the grammar, each a space-separated word sequence ending
-    in " ."? (How many sentences a review has is a habit of the world, not a rule of its grammar.)"""
+    """Exactly: is `response` a sequence of sentences of the grammar, each a space-separated word
+    sequence ending in " ."? (How many sentences a review has is a habit of the world, not a rule of
+    its grammar.)"""
     if not response.startswith(" ") or "  " in response or not response.endswith(" ."):
         return False
     return all(_is_sentence(s.split(" ")) for s in response[1:-2].split(" . "))
@@ -163,25 +170,33 @@ class PretrainConfig:
 
 
 def documents(world, n, rng):
-    pairs = world.train_pairs + world.test_pairs  # the base model knows every product; V will not see test ones
-    return [(world.prompt(*pair), world.sample_response(*pair, rng)) for pair in rng.choices(pairs, k=n)]
+    # the base model knows every product; V will not see test ones
+    pairs = world.train_pairs + world.test_pairs
+    return [(world.prompt(*pair), world.sample_response(*pair, rng)) for pair in rng.choices(pairs,
+                                                                                             k=n)]
 
 
 def pretrain(world, config, log=print):
-    """Train a GPT-2-architecture model on the language: next-token loss on prompt + response + EOS."""
+    """Train a GPT-2-architecture model on the language: next-token loss on prompt + response + EOS.
+    """
     torch.manual_seed(config.seed)
     enc = encoding()
     eot = enc.eot_token
-    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size, n_layer=config.n_layer,
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size,
+                          n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd, eos_token_ids=[eot]))
-    rows = [enc.encode(p + r) + [eot] for p, r in documents(world, config.documents, random.Random(config.seed))]
-    data = torch.full((len(rows), config.block_size + 1), -1, dtype=torch.long)  # -1: padding, no loss
+    rows = [enc.encode(p + r) + [eot] for p,
+            r in documents(world, config.documents, random.Random(config.seed))]
+    # -1: padding, no loss
+    data = torch.full((len(rows), config.block_size + 1), -1, dtype=torch.long)
     for i, row in enumerate(rows):
         data[i, :len(row)] = torch.tensor(row[:config.block_size + 1])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01,
+                                  betas=(0.9, 0.95))
     t0 = time.time()
     for step in range(config.steps):
-        lr = config.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        lr = config.lr * min(1.0,
+                             (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = data[torch.randint(len(data), (config.batch_size,))]
@@ -193,14 +208,19 @@ def pretrain(world, config, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 100 == 0 or step == config.steps - 1:
-            log(f"pretrain step {step:5d}/{config.steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            log(f"pretrain step {step:5d}/{config.steps} loss {loss.item():.3f} "
+                f"({time.time() - t0:.0f}s)")
     return model.eval(), enc
 
 
-def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_config=PretrainConfig(), log=print):
-    """The toy world's base model and tokenizer: loaded from out_dir when it was trained with these settings."""
-    folder = os.path.join(out_dir, "base" if pretrain_config.seed == 0 else f"base-seed{pretrain_config.seed}")
-    settings = json.loads(json.dumps({"world": asdict(world_config), "pretrain": asdict(pretrain_config)}))
+def base_model(out_dir="out/toyworld", world_config=WorldConfig(),
+               pretrain_config=PretrainConfig(), log=print):
+    """The toy world's base model and tokenizer: loaded from out_dir when it was trained with these
+    settings."""
+    seed = pretrain_config.seed
+    folder = os.path.join(out_dir, "base" if seed == 0 else f"base-seed{seed}")
+    settings = json.loads(json.dumps({"world": asdict(world_config),
+                                      "pretrain": asdict(pretrain_config)}))
     settings_path = os.path.join(folder, "settings.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
@@ -210,16 +230,19 @@ def base_model(out_dir="out/toyworld", world_config=WorldConfig(), pretrain_conf
     model, enc = pretrain(World(world_config), pretrain_config, log)
     save_pretrained(model, folder)
     save_tokenizer(enc, folder)
-    write_text_atomically(settings_path, json.dumps(settings))  # written last: a folder without it is retrained
+    # written last: a folder without it is retrained
+    write_text_atomically(settings_path, json.dumps(settings))
     return model, enc
 
 
-# The worlds a script can name with --model: the default one (reviews of 1-3 sentences, about 15 tokens) and a
-# long one (16-20 sentences, about 100 tokens), where the reward must be carried back over a long horizon.
-# "toy@2" / "toy-long@2" is the same world with the base model pretrained from seed 2 (another base model).
+# The worlds a script can name with --model: the default one (reviews of 1-3 sentences, about 15
+# tokens) and a long one (16-20 sentences, about 100 tokens), where the reward must be carried back
+# over a long horizon. "toy@2" / "toy-long@2" is the same world with the base model pretrained from
+# seed 2 (another base model).
 VARIANTS = {
     "toy": ("out/toyworld", WorldConfig(), PretrainConfig()),
-    "toy-long": ("out/toyworld-long", WorldConfig(sentences=(16, 17, 18, 19, 20), sentence_weights=(1, 1, 1, 1, 1)),
+    "toy-long": ("out/toyworld-long",
+                 WorldConfig(sentences=(16, 17, 18, 19, 20), sentence_weights=(1, 1, 1, 1, 1)),
                  PretrainConfig(block_size=160, batch_size=24)),
 }
 
@@ -229,9 +252,11 @@ def is_variant(spec):
 
 
 def load_variant(spec, log=print):
-    """(model, tokenizer) of a toy world named like "toy", "toy-long" or "toy@3" (pretraining seed 3)."""
+    """(model, tokenizer) of a toy world named like "toy", "toy-long" or "toy@3" (pretraining seed
+    3)."""
     name, _, seed = spec.partition("@")
     if not seed.isdigit() and seed:
-        raise ValueError(f"model {spec!r}: the pretraining seed after '@' must be a whole number, e.g. {name}@1")
+        raise ValueError(f"model {spec!r}: the pretraining seed after '@' must be a whole number, "
+                         f"e.g. {name}@1")
     out_dir, world_config, pretrain_config = VARIANTS[name]
     return base_model(out_dir, world_config, replace(pretrain_config, seed=int(seed or 0)), log)

@@ -31,8 +31,8 @@ EXERCISES = {  # id: (title, where, what the tests check, minutes of work)
            "the logits are W o with the tied embedding matrix; a snapshot", 5),
     "E3": ("The controlled system: o_t + u_t reaches the head, never the cache",
            "generate.py, controlled_logits and next_state",
-           "recorded states equal a plain forward pass over the generated tokens; an identity "
-           "edit changes nothing; a snapshot of the tokens of a fixed edit", 20),
+           "on a stand-in model: the greedy tokens of W(o + u) for a fixed edit, and the recorded "
+           "states are the model's own (u never enters them)", 20),
     "E6": ("The Bellman targets and loss: TD(lambda) with a stop-gradient",
            "value.py, lambda_returns and bellman_loss",
            "lambda-returns by hand for lambda = 0, 0.5, 1; the targets carry no gradient; "
@@ -43,18 +43,21 @@ EXERCISES = {  # id: (title, where, what the tests check, minutes of work)
     "E8": ("Diversity", "evaluation/metrics.py, diversity", "hand-computed n-gram diversities", 10),
 }
 
-QUESTIONS = [
-    "TD(0), TD(lambda) and Monte Carlo: run `python benchmarks/bellman_methods.py --model toy`. "
-    "Which V steers, and why does the held-out error against the realised return tell more than "
-    "each method's own loss?",
-    "Why does alpha * n have a cliff? Read the two sweeps `python recontrol.py` prints: what does "
-    "the radius change?",
-    "Why must u never enter the KV cache? What would the model read at the next step if it did?",
-    "What does the static steering vector of `python compare.py` miss that RE-Control's gradient "
-    "has?",
-    "What does each baseline cost? Compare the reward calls and milliseconds per response in "
-    "compare.py's table.",
+QUESTIONS = [  # (question, the exercises its command needs, its run time on 2 CPU cores)
+    ("TD(0), TD(lambda) and Monte Carlo: run `python benchmarks/bellman_methods.py --model toy`. "
+     "Which V steers, and why does the held-out error against the realised return tell more than "
+     "each method's own loss?", "all", "about 10 min"),
+    ("Why does alpha * n have a cliff? Read the two sweeps `python recontrol.py` prints: what does "
+     "the radius change?", "all", "about 5 min (7 the first time: it pretrains the base model)"),
+    ("Why must u never enter the KV cache? What would the model read at the next step if it did?",
+     "E1-E3", "no command: read generate.next_state"),
+    ("What does the static steering vector of `python compare.py` miss that RE-Control's gradient "
+     "has?", "all", "about 2 min once recontrol.py has run"),
+    ("What does each baseline cost? Compare the reward calls and FLOPs per response in "
+     "`python compare.py --world verdict`'s table.", "all", "about 40 min the first time"),
 ]
+WALKTHROUGH_NEEDS = {1: "E1, E2", 2: "E1, E2, E3, E6, E7", 3: "E1, E2, E3, E6, E7",
+                     4: "every exercise"}  # docs/walkthrough.md's steps: the exercises they run
 
 BEGIN = re.compile(r"^(\s*)# >>> exercise (E\d+): (.*)$")
 
@@ -96,27 +99,25 @@ def project_files():
 
 
 def handout(exercises):
+    """ASSIGNMENT.md for a copy with `exercises` blanked (in the order of EXERCISES)."""
+    order = [e for e in EXERCISES if e in exercises]
     lines = ["# Assignment: RE-Control from the inside", "",
-             "Read docs/method.md (the equations E1-E8) and docs/walkthrough.md first. Each "
-             "exercise below is a block",
-             "of the project that raises NotImplementedError; its docstring, the comments and the "
-             "shapes around it say",
-             "what it must do. Its tests grade it (through tests/adapters.py, against snapshots "
-             "and properties):",
-             "", "    python -m pytest -q -m e6 tests/      # one exercise", "",
-             "| exercise | where | the tests check | about |", "|---|---|---|---|"]
+             "Read docs/method.md (the equations E1-E8) first. Each exercise below is a block of the",
+             "project that raises NotImplementedError; its docstring, the comments and the shapes",
+             "around it say what it must do. Its tests grade it (through tests/adapters.py, against",
+             "snapshots and properties):", "", "    python -m pytest -q -m e6 tests/      # one exercise",
+             "", "| exercise | where | the tests check | about |", "|---|---|---|---|"]
     lines += [f"| {e}: {EXERCISES[e][0]} | {EXERCISES[e][1]} | {EXERCISES[e][2]} | "
-              f"{EXERCISES[e][3]} min |"
-              for e in exercises]
-    lines += ["",
-              "Do them in this order: the memory (E1) and the head (E2) make the model run; the "
-              "controlled step",
-              "(E3) makes the edit possible; the value's training (E6) and the control (E7) make "
-              "it steer; E8 measures",
-              "the price. Once all pass, `python recontrol.py` runs the whole method end to end.",
-              "",
-              "## Questions (the project's own tools answer them)", ""]
-    lines += [f"{i}. {q}" for i, q in enumerate(QUESTIONS, 1)]
+              f"{EXERCISES[e][3]} min |" for e in order]
+    lines += ["", f"Do them in this order: {', '.join(order)}. E4 (the objective) and E5 (V as an "
+              "MLP) are", "definitions, not code to write: E4 is read in control.py, E5 is "
+              "value.ValueFunction.", "",
+              "docs/walkthrough.md runs the method step by step; each step needs the exercises "
+              "it runs:"]
+    lines += [f"- step {step}: {needs}" for step, needs in WALKTHROUGH_NEEDS.items()]
+    lines += ["", "## Questions (the project's own tools answer them once the exercises they need "
+              "pass)", ""]
+    lines += [f"{i}. {q} (needs: {needs}; {time})" for i, (q, needs, time) in enumerate(QUESTIONS, 1)]
     return "\n".join(lines) + "\n"
 
 

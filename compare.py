@@ -226,10 +226,15 @@ def matched_methods(args, enc, reward_fn, runs):
     target, one = flops("RE-Control"), flops("base")
     per_sample = flops(f"best-of-{args.best_of}") / args.best_of
     per_candidate = (flops("ARGS (prefix R)") - one) / args.guide_k
-    n = max(1, round(target / per_sample))
-    k = max(2, round((target - one) / per_candidate)) if per_candidate > 0 else args.guide_k
-    return [best_of_n(n, reward_fn, f"best-of-{n} (RE-Control's cost)"),
-            args_method(k, args, enc, reward_fn, f"ARGS k = {k} (RE-Control's cost)")]
+    n = round(target / per_sample)
+    k = round((target - one) / per_candidate) if per_candidate > 0 else 2
+    # best-of-1 is the base model; ARGS needs two candidates: when RE-Control costs less, the
+    # cheapest setting runs, and its name says so
+    best = best_of_n(max(n, 1), reward_fn, f"best-of-{max(n, 1)} (" + (
+        "RE-Control's cost)" if n >= 1 else "the cheapest)"))
+    guided = args_method(max(k, 2), args, enc, reward_fn, f"ARGS k = {max(k, 2)} (" + (
+        "RE-Control's cost)" if k >= 2 else "the cheapest)"))
+    return [best, guided]
 
 
 def run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, grammar, judge,

@@ -102,11 +102,12 @@ def handout(exercises):
     """ASSIGNMENT.md for a copy with `exercises` blanked (in the order of EXERCISES)."""
     order = [e for e in EXERCISES if e in exercises]
     lines = ["# Assignment: RE-Control from the inside", "",
-             "Read docs/method.md (the equations E1-E8) first. Each exercise below is a block of the",
-             "project that raises NotImplementedError; its docstring, the comments and the shapes",
-             "around it say what it must do. Its tests grade it (through tests/adapters.py, against",
-             "snapshots and properties):", "", "    python -m pytest -q -m e6 tests/      # one exercise",
-             "", "| exercise | where | the tests check | about |", "|---|---|---|---|"]
+             "Read docs/method.md (the equations E1-E8) first. Each exercise below is a block of",
+             "the project that raises NotImplementedError; its docstring, the comments and the",
+             "shapes around it say what it must do. Its tests grade it (through tests/adapters.py,",
+             "against snapshots and properties):", "",
+             "    python -m pytest -q -m e6 tests/      # one exercise", "",
+             "| exercise | where | the tests check | about |", "|---|---|---|---|"]
     lines += [f"| {e}: {EXERCISES[e][0]} | {EXERCISES[e][1]} | {EXERCISES[e][2]} | "
               f"{EXERCISES[e][3]} min |" for e in order]
     lines += ["", f"Do them in this order: {', '.join(order)}. E4 (the objective) and E5 (V as an "
@@ -117,7 +118,8 @@ def handout(exercises):
     lines += [f"- step {step}: {needs}" for step, needs in WALKTHROUGH_NEEDS.items()]
     lines += ["", "## Questions (the project's own tools answer them once the exercises they need "
               "pass)", ""]
-    lines += [f"{i}. {q} (needs: {needs}; {time})" for i, (q, needs, time) in enumerate(QUESTIONS, 1)]
+    lines += [f"{i}. {q} (needs: {needs}; {time})"
+              for i, (q, needs, time) in enumerate(QUESTIONS, 1)]
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,9 @@ def test_matched_settings_come_closest_to_re_controls_cost():
     best, args_k = compare.matched_methods(args, None, lambda p, r: torch.zeros(len(r)), runs)
     assert best.best_of == 2 and best.name == "best-of-2 (RE-Control's cost)"  # 250 / 120 = 2.08
     assert args_k.name == "ARGS k = 2 (RE-Control's cost)"  # (250 - 100) / 70 = 2.1
+    runs["RE-Control"] = run(120.0)  # cheaper than two ARGS candidates: the cheapest ARGS runs
+    best, args_k = compare.matched_methods(args, None, lambda p, r: torch.zeros(len(r)), runs)
+    assert best.name == "best-of-1 (RE-Control's cost)" and args_k.name == "ARGS k = 2 (the cheapest)"
 
 
 def test_the_world_flags_fail_clearly(capsys):

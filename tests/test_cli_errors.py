@@ -359,3 +359,15 @@ def test_two_different_jobs_started_together_on_one_folder_never_mix(tmp_path):
     settings = json.loads((tmp_path / "rollouts" / "rollouts.json").read_text())["settings"]
     assert settings["seed"] == winner and not (tmp_path / f"v{1 - winner}.pt").exists()
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_a_llama2c_model_whose_tokenizer_has_another_name_takes_tokenizer(tmp_path, capsys):
+    from test_recipes import llama2c
+    folder = tmp_path / "stories"
+    llama2c(folder)
+    (folder / "tokenizer.bin").rename(folder / "tok512.bin")  # as the TinyStories 260K model ships it
+    argv = ["--model", str(folder / "model.bin"), "--prompts", "toy-test", "--reward", "sentiment",
+            "--max-new-tokens", "4"]
+    code, printed = run(generate, argv, capsys)
+    assert code == 1 and "--tokenizer PATH" in printed and "tok512.bin" in printed
+    assert run(generate, argv + ["--tokenizer", str(folder / "tok512.bin")], capsys)[0] == 0

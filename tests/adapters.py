@@ -31,9 +31,9 @@ def greedy(model, prompts, n, edit=None):
     return out.tokens, out.states
 
 
-def returns(values, mask, rewards, lam, gamma=1.0):
+def returns(values, mask, rewards, lam, gamma=1.0, stop_gradient=True):
     """E6: the lambda-returns G_t (B, L) of values V(o_t) (B, L) of right-padded responses."""
-    return lambda_returns(values, mask, rewards, lam, gamma)
+    return lambda_returns(values, mask, rewards, lam, gamma, stop_gradient)
 
 
 def loss(value, states, mask, rewards, lam, gamma=1.0):

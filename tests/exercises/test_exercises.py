@@ -39,6 +39,17 @@ def test_e2_the_head_reads_the_state():
     close(logits, "e2_logits")
 
 
+@pytest.mark.e2
+def test_e2_a_reward_model_reads_its_score_head():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    rm = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16, n_labels=1)).eval()
+    o = inputs()["o"]
+    scores = adapters.head(rm, o)
+    assert tuple(scores.shape) == (o.shape[0], 1) and (scores - rm.score(o)).abs().max() <= 1e-6, \
+        "a reward model (config.n_labels > 0) has no LM head: E2 must read its score head, self.score"
+
+
 class Memoryless(torch.nn.Module):
     """A stand-in language model for E3 that needs none of E1's or E2's code: the state is the embedding of the
     newest token (no memory), and the head a fixed matrix W."""
@@ -78,6 +89,36 @@ def test_e3_the_edit_reaches_the_head_but_never_the_state():
     assert adapters.greedy(model, prompts, 6)[0] == adapters.greedy(model, prompts, 6, edit=lambda o: o)[0]
 
 
+class Remembering(Memoryless):
+    """A stand-in language model with memory: the state is the newest token's embedding plus the mean of the
+    embeddings of every token read so far, which the cache keeps (its h_t)."""
+
+    def new_cache(self, batch_size, max_len):
+        return SimpleNamespace(length=0, total=torch.zeros(batch_size, 16))
+
+    def states(self, idx, cache=None, attention_mask=None):
+        x = self.wte(idx)  # (B, T, C)
+        before = cache.total if cache is not None else torch.zeros(x.shape[0], 16)
+        seen = (cache.length if cache is not None else 0) + torch.arange(1, idx.shape[1] + 1)
+        running = before[:, None] + x.cumsum(1)  # (B, T, C)
+        if cache is not None:
+            cache.total, cache.length = running[:, -1], cache.length + idx.shape[1]
+        return x + running / seen[None, :, None]
+
+
+@pytest.mark.e3
+def test_e3_the_next_state_is_read_through_the_memory():
+    model = Remembering()
+    prompts = inputs()["tokens"][:, :4].tolist()
+    tokens, states = adapters.greedy(model, prompts, 6, edit=shift)
+    with torch.no_grad():
+        for prompt, response, s in zip(prompts, tokens, states):
+            own = model.states(torch.tensor([prompt + response]))[0, len(prompt) - 1:]  # one pass, no cache
+            assert (s - own).abs().max() <= 1e-5, (
+                "the states differ from the model's own over prompt + response: o_{t+1} must be read "
+                "through the cache (the memory h_t), feeding the token y_{t+1}, never the edit")
+
+
 @pytest.mark.e6
 def test_e6_lambda_returns_by_hand():
     # one response of 3 states, values 0.2, 0.4, 0.6 and reward 1: G_2 = R = 1; with lambda 0.5 and gamma 1,
@@ -90,6 +131,27 @@ def test_e6_lambda_returns_by_hand():
     for lam in (0.0, 0.5, 1.0):
         close(adapters.returns(x["values"], x["mask"], x["rewards"], lam, gamma=0.9)[x["mask"]],
               f"e6_returns_{lam}_real")
+
+
+@pytest.mark.e6
+def test_e6_the_stop_gradient_setting_is_obeyed_both_ways():
+    values = torch.tensor([[0.2, 0.4, 0.6]], requires_grad=True)
+    mask, reward = torch.ones(1, 3, dtype=torch.bool), torch.tensor([1.0])
+    held = adapters.returns(values, mask, reward, 0.5, stop_gradient=True)
+    free = adapters.returns(values, mask, reward, 0.5, stop_gradient=False)
+    assert not held.requires_grad, "with stop_gradient=True the targets must be detached (sg[.] of E6)"
+    assert free.requires_grad, ("with stop_gradient=False the targets must carry the gradient of the "
+                                "values they bootstrap from (the official codes' variant): detach only "
+                                "when stop_gradient is True")
+    assert free.tolist() == held.tolist(), "stop_gradient changes the gradient, never the targets' values"
+
+
+@pytest.mark.e6
+def test_e6_discount_by_hand():
+    # gamma 0.5, lambda 1: G_t = gamma^(T - t) R, the reward discounted once per step back, not once in all
+    values, mask, reward = torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), torch.tensor([1.0])
+    got = adapters.returns(values, mask, reward, 1.0, gamma=0.5)[0].tolist()
+    assert got == pytest.approx([0.25, 0.5, 1.0]), f"G_t must be gamma^(T-t) R = [0.25, 0.5, 1], got {got}"
 
 
 @pytest.mark.e6
@@ -111,6 +173,38 @@ def test_e7_one_ascent_step_follows_the_gradient_of_v():
     numeric = torch.stack([(value(o + eps * e) - value(o - eps * e)) / (2 * eps) for e in torch.eye(16)], dim=1)
     assert (u - 0.1 * numeric).abs().max() <= 1e-4
     close(adapters.control(value, o, step_size=0.3, n_steps=5, l2=0.1), "e7_u")
+
+
+class LinearValue(torch.nn.Module):
+    """V(o) = w . o: its gradient is w everywhere, so E7's steps can be worked out by hand."""
+
+    def forward(self, o):
+        return o.float().sum(-1)
+
+
+@pytest.mark.e7
+def test_e7_the_l2_penalty_by_hand():
+    # V(o) = sum(o), grad w = 1: u_1 = alpha w; u_2 = u_1 + alpha (w - 2 l2 u_1) = alpha w (2 - 2 l2 alpha)
+    o = torch.zeros(2, 4)
+    u = adapters.control(LinearValue(), o, step_size=0.5, n_steps=2, l2=0.1)
+    expected = 0.5 * (2 - 2 * 0.1 * 0.5)
+    assert (u - expected).abs().max() <= 1e-6, (
+        f"two steps with alpha 0.5, l2 0.1 give u = {expected} everywhere, got {u[0].tolist()}: each step "
+        "is u <- u + alpha (grad V(o + u) - 2 l2 u); check the penalty's factor 2 and its sign, and that "
+        "the gradient is taken afresh at every step")
+    u = adapters.control(LinearValue(), o, step_size=0.5, n_steps=3)
+    assert (u - 1.5).abs().max() <= 1e-6, (
+        f"three steps of alpha 0.5 on a V whose gradient is 1 give u = 1.5, got {u[0].tolist()}: is a "
+        "gradient left over from the step before added again (not zeroed between steps)?")
+
+
+@pytest.mark.e8
+def test_e8_the_mean_is_over_responses_of_any_length():
+    # each response's own product, then the mean over responses; a response too short for any n-gram counts 1
+    got = adapters.diversity([[1, 2, 1, 2, 1, 2], [1, 2, 3, 4, 5], [7]])
+    assert got == pytest.approx((2 / 15 + 1 + 1) / 3), (
+        f"expected the mean of 2/15, 1 and 1 (each response's own product), got {got}: n-grams are not "
+        "pooled over responses, and short responses are not left out of the mean")
 
 
 @pytest.mark.e8

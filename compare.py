@@ -241,8 +241,8 @@ def run_sweep(args, model, enc, prompts, reward_fn, sampling, value, control, gr
               base_runs):
     """E7's strength as the plot shows it: alpha over --sweep-alphas (n kept), unbounded and with
     the radius; with a judge, its win rate beside the reward, where proxy and judge part."""
-    bounds = {"paper's E7, no radius": None}
-    if control.radius is not None:
+    bounds = {"paper's E7, no radius": None} if args.sweep_alphas else {}
+    if control.radius is not None and args.sweep_alphas:
         bounds[f"radius {control.radius:g}"] = control.radius
     sweep = []
     for bound, radius in bounds.items():

@@ -124,11 +124,12 @@ def add_task_arguments(parser, prompts="toy-test"):
                         help="toy (the embedded default), toy-long, verdict, NAME@SEED, or a model "
                              "folder / hub name")
     parser.add_argument("--prompts", default=prompts,
-                        help=f"{prompts}, toy-train, verdict-train, verdict-test, or a .txt / .jsonl / "
-                             "HH-RLHF .jsonl.gz file")
+                        help=f"{prompts} (or toy-train, verdict-train, verdict-test), or a .txt / "
+                             ".jsonl / HH-RLHF .jsonl.gz file")
     parser.add_argument("--reward", default="toy",
-                        help="toy, verdict-rm[@SEED] (a learned reward model), sentiment, rm:<folder> "
-                             "(rm:<folder>::ultrarm: UltraRM's text layout), or module:function")
+                        help="toy, verdict-rm[@SEED] (a learned reward model), sentiment, "
+                             "rm:<folder> (rm:<folder>::ultrarm: UltraRM's text layout), or "
+                             "module:function")
     parser.add_argument("--chat", default=None,
                         help="put each prompt in an instruct model's chat template: llama3 or "
                              "vicuna")

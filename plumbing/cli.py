@@ -12,7 +12,6 @@ done); 130 interrupted with Ctrl-C, 143 stopped by SIGTERM.
 
 import argparse
 import math
-import os
 import signal
 import sys
 import typing

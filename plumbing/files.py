@@ -93,7 +93,10 @@ class Lock:
                 break
             except FileExistsError:
                 owner = self.owner()
-                if owner is not None and alive(owner) and owner != os.getpid():
+                if owner == os.getpid():
+                    raise ValueError(f"{self.path[:-5]} is already in use by this process") \
+                        from None
+                if owner is not None and alive(owner):
                     raise ValueError(f"{self.path[:-5]} is in use by another job (process "
                                      f"{owner}); wait for it to end, or choose another path") \
                         from None

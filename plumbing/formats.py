@@ -13,7 +13,6 @@ from. Nothing is unpickled: .bin/.pth files are read with torch.load(weights_onl
 """
 
 import glob
-import json
 import math
 import os
 import struct

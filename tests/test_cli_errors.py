@@ -371,3 +371,11 @@ def test_a_llama2c_model_whose_tokenizer_has_another_name_takes_tokenizer(tmp_pa
     code, printed = run(generate, argv, capsys)
     assert code == 1 and "--tokenizer PATH" in printed and "tok512.bin" in printed
     assert run(generate, argv + ["--tokenizer", str(folder / "tok512.bin")], capsys)[0] == 0
+
+
+def test_a_lock_this_process_holds_is_not_taken_over(tmp_path):
+    from plumbing.files import Lock
+    with Lock(str(tmp_path / "v.pt"), log=lambda *a: None):
+        with pytest.raises(ValueError, match="already in use by this process"):
+            Lock(str(tmp_path / "v.pt"), log=lambda *a: None).__enter__()
+    assert not list(tmp_path.glob("*.lock"))

@@ -53,7 +53,7 @@ def load_reward(spec, device=None):
     its answers checked."""
     name, _, seed = spec.partition("@")
     if name == "verdict-rm":
-        folder = os.path.join(verdict.OUT, "rm" if not seed or seed == "0" else f"rm-seed{seed}")
+        folder = verdict.reward_model_folder(int(seed or 0))
         if not os.path.exists(os.path.join(folder, "settings.json")):
             raise FileNotFoundError(f"the verdict world's reward model {folder} is not built yet; "
                                     "build it with `python -m worlds.verdict_rm --seed "

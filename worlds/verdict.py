@@ -7,6 +7,7 @@ judge's preferences between complete responses (worlds/reward_model.py), a proxy
 paper's are.
 """
 
+import os
 import random
 import re
 from dataclasses import replace
@@ -30,6 +31,11 @@ def base_model(spec="verdict", log=print):
         raise ValueError(f"model {spec!r}: the pretraining seed after '@' must be a whole number, "
                          "e.g. verdict@1")
     return toy.base_model(OUT, WORLD, replace(PRETRAIN, seed=int(seed or 0)), log)
+
+
+def reward_model_folder(base_seed=0):
+    """Where the reward model for the base model of pretraining seed `base_seed` is kept."""
+    return os.path.join(OUT, "rm" if not base_seed else f"rm-seed{base_seed}")
 
 
 def prompts(split):

@@ -1,9 +1,9 @@
 """
-The verdict world's reward model (docs/verdict_world.md): a transformer of model.py with a scalar
-head, trained the way reward models are, with Bradley-Terry on pairs of complete base-model
-responses to one prompt that the judge tells apart. It never reads the judge's rule, only its
-preferences. Also the measurement that shows the judge is decided late, which needs the base model's
-samples.
+The verdict world's reward model, its R of E4 (docs/verdict_world.md): a transformer of model.py
+with a scalar head, trained the way reward models are, with Bradley-Terry on pairs of complete
+base-model responses to one prompt that the judge tells apart. It never reads the judge's rule, only
+its preferences. Also the measurement that shows the judge is decided late, which needs the base
+model's samples.
 
     # the reward model (trained once, cached), its held-out pair accuracy, and how much the first f
     # of a response tells of its final score:
@@ -41,10 +41,6 @@ class RewardModelConfig:
     lr: float = 3e-4
     batch_size: int = 32  # pairs per step
     seed: int = 0  # of the samples, the initialisation of the head and the order of the pairs
-
-
-def folder_of(base_seed):
-    return os.path.join(verdict.OUT, "rm" if not base_seed else f"rm-seed{base_seed}")
 
 
 def judged_pairs(model, enc, prompts, samples, seed):
@@ -133,7 +129,7 @@ def reward_model(base_seed=0, config=RewardModelConfig(), log=print):
     """The folder of the reward model for the base model pretrained from base_seed: trained the
     first time (with these settings), then read from out/verdict/. Returns (folder, held-out pair
     accuracy)."""
-    folder = folder_of(base_seed)
+    folder = verdict.reward_model_folder(base_seed)
     settings = {"base_seed": base_seed, **asdict(config)}
     settings_path = os.path.join(folder, "settings.json")
     if os.path.exists(settings_path):

@@ -1,10 +1,10 @@
-"""The one place the exercise tests (tests/exercises/) touch the code they grade. A student who names or shapes their
-code differently adapts these functions; the tests stay as they are."""
+"""The one place the exercise tests (tests/exercises/) touch the code they grade. Grading puts back this file as it
+was handed out, with the rest of tests/: keep the names and arguments the exercises' docstrings give."""
 
 import torch
 
 from control import ControlConfig, Controller
-from generate import SamplingConfig, sample
+from generate import SamplingConfig, controlled_logits, sample
 from evaluation.metrics import diversity as diversity_of
 from value import bellman_loss, lambda_returns
 
@@ -29,6 +29,18 @@ def greedy(model, prompts, n, edit=None):
     out = sample(model, prompts, SamplingConfig(max_new_tokens=n, temperature=0, eos_ids=[]), edit=edit,
                  record_states=True)
     return out.tokens, out.states
+
+
+def logits(model, o, edit, want_base):
+    """E3: (the logits to sample from, the base model's logits W o or None) for states o (B, C)."""
+    with torch.no_grad():
+        return controlled_logits(model, o, edit, want_base)
+
+
+def kl(model, prompts, n, edit=None):
+    """E3: the mean KL per decision from the base model of n greedy tokens, one float per prompt."""
+    return sample(model, prompts, SamplingConfig(max_new_tokens=n, temperature=0, eos_ids=[]), edit=edit,
+                  record_kl=True).kl
 
 
 def returns(values, mask, rewards, lam, gamma=1.0, stop_gradient=True):

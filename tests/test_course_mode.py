@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from course import assignment
+from course import assignment, exercises
 
 
 def run_exercise_tests(folder):
@@ -49,15 +49,15 @@ def test_exactly_the_blanked_exercises_fail_and_the_solution_passes(tmp_path):
                 assert message is None, (exercise, test, message)
 
     for name in ("model.py", "generate.py", "value.py", "control.py", "evaluation/metrics.py"):  # the reference back
-        shutil.copyfile(os.path.join(assignment.ROOT, name), everything / name)
+        shutil.copyfile(os.path.join(exercises.ROOT, name), everything / name)
     assert all(message is None for message in run_exercise_tests(everything).values())
 
 
 def test_blanking_keeps_the_markers_and_refuses_an_unclosed_block():
     text = "def f(x):\n    # >>> exercise E9: double x\n    return 2 * x\n    # <<< exercise E9\n"
-    assert assignment.blank(text, ["E9"]) == ("def f(x):\n    # >>> exercise E9: double x\n"
+    assert exercises.blank(text, ["E9"]) == ("def f(x):\n    # >>> exercise E9: double x\n"
                                               '    raise NotImplementedError("E9: double x (ASSIGNMENT.md)")\n'
                                               "    # <<< exercise E9\n")
-    assert assignment.blank(text, ["E6"]) == text
+    assert exercises.blank(text, ["E6"]) == text
     with pytest.raises(ValueError, match="exercise E9 has no end marker"):
-        assignment.blank(text.replace("    # <<< exercise E9\n", ""), ["E9"])
+        exercises.blank(text.replace("    # <<< exercise E9\n", ""), ["E9"])

@@ -16,27 +16,34 @@ from test_value import TRUE_VALUES, learned_gamblers_ruin_values
 SNAPSHOTS = np.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots.npz"))
 
 
-def close(tensor, name, tol=1e-5):
+def close(tensor, name, hint, tol=1e-5):
+    """The snapshot check: `hint` says, in the exercise's terms, what a difference usually means."""
     expected = SNAPSHOTS[name]
     assert tuple(tensor.shape) == expected.shape, f"{name}: shape {tuple(tensor.shape)}, expected {expected.shape}"
-    assert np.abs(tensor.detach().float().numpy() - expected).max() <= tol, f"{name} differs from the reference"
+    gap = float(np.abs(tensor.detach().float().numpy() - expected).max())
+    assert gap <= tol, f"{name} differs from the reference output by up to {gap:.3g}: {hint}"
 
 
 @pytest.mark.e1
 def test_e1_the_cache_gives_the_states_of_a_full_forward_pass():
     model, x = tiny_model(), inputs()
     cached = adapters.cached_states(model, x["tokens"], prefill=4)
-    with torch.no_grad():
-        assert (cached - model.states(x["tokens"])).abs().max() <= 1e-5  # property: memory = recomputation
-    close(cached, "e1_states")
+    with torch.no_grad():  # property: the memory gives what recomputing everything gives
+        assert (cached - model.states(x["tokens"])).abs().max() <= 1e-5, (
+            "the states read through the cache differ from a full forward pass: write k and v at the slots "
+            "length ... length + T - 1 (after those already filled, not from slot 0), and return every filled "
+            "slot, this step's included, and no empty one; the model itself moves `length` after all layers")
+    close(cached, "e1_states", "the cache does not give the reference's states")
 
 
 @pytest.mark.e2
 def test_e2_the_head_reads_the_state():
     model, x = tiny_model(), inputs()
     logits = adapters.head(model, x["o"])
-    assert (logits - x["o"] @ model.wte.weight.T).abs().max() <= 1e-5  # property: tied weights, W o
-    close(logits, "e2_logits")
+    assert (logits - x["o"] @ model.wte.weight.T).abs().max() <= 1e-5, (
+        "the head must return the logits W o (W the tied embedding matrix, self.lm_head): no softmax, no second "
+        "norm (o is already normed)")
+    close(logits, "e2_logits", "the head does not give the reference's logits")
 
 
 @pytest.mark.e2
@@ -119,18 +126,56 @@ def test_e3_the_next_state_is_read_through_the_memory():
                 "through the cache (the memory h_t), feeding the token y_{t+1}, never the edit")
 
 
+@pytest.mark.e3
+def test_e3_the_base_logits_are_those_of_the_unedited_state():
+    model, o = Memoryless(), inputs()["o"]
+    with torch.no_grad():
+        plain, edited = model.head(o), model.head(o + 0.5)
+    logits, base = adapters.logits(model, o, shift, want_base=True)
+    assert base is not None, "with an edit and want_base, return the base model's logits W o_t too (the KL needs them)"
+    assert (base - plain).abs().max() <= 1e-6, (
+        "the base logits must be W o_t, of the state before the edit: do not overwrite o with edit(o)")
+    assert (logits - edited).abs().max() <= 1e-6, "the logits to sample from must be W edit(o_t), the edit applied once"
+    logits, base = adapters.logits(model, o, None, want_base=False)
+    assert (logits - plain).abs().max() <= 1e-6 and base is logits, (
+        "without an edit the logits are W o_t, and they are the base logits too (the same tensor)")
+
+
+@pytest.mark.e3
+def test_e3_the_kl_is_measured_against_the_unedited_model():
+    model = Memoryless()
+    prompts = inputs()["tokens"][:, :4].tolist()
+    tokens, _ = adapters.greedy(model, prompts, 6, edit=shift)
+    with torch.no_grad():
+        for prompt, response, got in zip(prompts, tokens, adapters.kl(model, prompts, 6, edit=shift)):
+            o = model.wte(torch.tensor(prompt[-1:] + response[:-1]))  # (6, C): the state of each decision
+            logp, logq = model.head(o + 0.5).log_softmax(-1), model.head(o).log_softmax(-1)
+            expected = float((logp.exp() * (logp - logq)).sum(-1).mean())
+            assert got == pytest.approx(expected, rel=1e-4), (
+                f"the recorded KL is {got}, expected {expected}: it compares the sampled distribution, of W(o + u), "
+                "with the base model's, of W o (not with itself, and not softmax probabilities used as logits)")
+    assert adapters.kl(model, prompts, 6) == [0.0, 0.0], "without an edit the model is the base model: KL 0"
+
+
 @pytest.mark.e6
 def test_e6_lambda_returns_by_hand():
     # one response of 3 states, values 0.2, 0.4, 0.6 and reward 1: G_2 = R = 1; with lambda 0.5 and gamma 1,
     # G_1 = 0.5 * 0.6 + 0.5 * 1 = 0.8, G_0 = 0.5 * 0.4 + 0.5 * 0.8 = 0.6; TD(0) bootstraps, Monte Carlo is R
     values, mask, reward = torch.tensor([[0.2, 0.4, 0.6]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([1.0])
-    assert adapters.returns(values, mask, reward, 0.5)[0].tolist() == pytest.approx([0.6, 0.8, 1.0])
-    assert adapters.returns(values, mask, reward, 0.0)[0].tolist() == pytest.approx([0.4, 0.6, 1.0])
-    assert adapters.returns(values, mask, reward, 1.0)[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    for lam, expected in ((0.0, [0.4, 0.6, 1.0]), (1.0, [1.0, 1.0, 1.0]), (0.5, [0.6, 0.8, 1.0])):
+        got = adapters.returns(values, mask, reward, lam)[0].tolist()
+        assert got == pytest.approx(expected), (
+            f"lambda = {lam}: expected G = {expected}, got {got}. lambda = 0 is TD(0), G_t = V(o_{{t+1}}); lambda = 1 "
+            "is Monte Carlo, G_t = R; the last state's target is R itself (are lambda and 1 - lambda swapped, or "
+            "V(o_t) used where V(o_{t+1}) belongs?)")
     x = inputs()
+    before = x["values"].clone()
     for lam in (0.0, 0.5, 1.0):
         close(adapters.returns(x["values"], x["mask"], x["rewards"], lam, gamma=0.9)[x["mask"]],
-              f"e6_returns_{lam}_real")
+              f"e6_returns_{lam}_real", f"the lambda-returns for lambda = {lam}, gamma = 0.9 on a right-padded batch "
+              "(its second response ends at index 2) differ: G_T = R at each response's own last real state, "
+              "G_t = gamma ((1 - lambda) V(o_{t+1}) + lambda G_{t+1}) before it")
+    assert torch.equal(x["values"], before), "lambda_returns changed the caller's values tensor in place"
 
 
 @pytest.mark.e6
@@ -155,24 +200,60 @@ def test_e6_discount_by_hand():
 
 
 @pytest.mark.e6
-def test_e6_the_loss_holds_its_targets_fixed():
+def test_e6_the_loss_matches_the_snapshots():
     x, value = inputs(), tiny_value()
     for lam in (0.0, 0.5, 1.0):
-        close(adapters.loss(value, x["states"], x["mask"], x["rewards"], lam), f"e6_loss_{lam}")
-    values = torch.tensor([[0.2, 0.4, 0.6]], requires_grad=True)
-    targets = adapters.returns(values, torch.ones(1, 3, dtype=torch.bool), torch.tensor([1.0]), 0.0)
-    assert not targets.requires_grad  # the stop-gradient: no gradient flows into the targets
+        close(adapters.loss(value, x["states"], x["mask"], x["rewards"], lam), f"e6_loss_{lam}",
+              f"the TD(lambda) loss for lambda = {lam} differs: the mean over the real states only of "
+              "(V(o_t) - G_t)^2, with G_t from lambda_returns at this lambda")
+
+
+class Table(torch.nn.Module):
+    """A value function that ignores the states and returns a table of numbers: V(o_t) by hand."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.nn.Parameter(torch.tensor(values))
+
+    def forward(self, states):
+        return self.values
+
+
+@pytest.mark.e6
+def test_e6_the_loss_by_hand():
+    # values 0.2, 0.4 and a padded 9.0, reward 1, Monte Carlo: ((0.2 - 1)^2 + (0.4 - 1)^2) / 2 = 0.5
+    mask, states = torch.tensor([[True, True, False]]), torch.zeros(1, 3, 4)
+    got = adapters.loss(Table([[0.2, 0.4, 9.0]]), states, mask, torch.tensor([1.0]), 1.0).item()
+    assert got == pytest.approx(0.5), (
+        f"expected ((0.2 - 1)^2 + (0.4 - 1)^2) / 2 = 0.5, got {got}: the mean is over the real states only (the "
+        "padding after a response's end counts neither in the sum nor in the count)")
+
+
+@pytest.mark.e6
+def test_e6_the_loss_gradient_reaches_v_of_o_t_only():
+    # TD(0): targets G = [0.4, 0.6, 1] held fixed, so d loss / d V(o_t) = 2 (V(o_t) - G_t) / 3
+    table = Table([[0.2, 0.4, 0.6]])
+    adapters.loss(table, torch.zeros(1, 3, 4), torch.ones(1, 3, dtype=torch.bool), torch.tensor([1.0]), 0.0).backward()
+    expected = [2 * (0.2 - 0.4) / 3, 2 * (0.4 - 0.6) / 3, 2 * (0.6 - 1.0) / 3]
+    assert table.values.grad[0].tolist() == pytest.approx(expected), (
+        f"the gradient of the TD(0) loss in V(o_0), V(o_1), V(o_2) should be {expected}, got "
+        f"{table.values.grad[0].tolist()}: the targets must be held fixed (sg[.]) so that only V(o_t) is pulled")
 
 
 @pytest.mark.e7
 def test_e7_one_ascent_step_follows_the_gradient_of_v():
     value, o = tiny_value(), inputs()["o"]
     assert adapters.control(value, o, step_size=0.5, n_steps=0).abs().max() == 0  # n = 0: the base model
+    before = o.clone()
     u = adapters.control(value, o, step_size=0.1, n_steps=1)
+    assert torch.equal(o, before), "control changed the caller's states o in place: build u, leave o alone"
     eps = 1e-3  # property: u = alpha * dV/do, by central differences
     numeric = torch.stack([(value(o + eps * e) - value(o - eps * e)) / (2 * eps) for e in torch.eye(16)], dim=1)
-    assert (u - 0.1 * numeric).abs().max() <= 1e-4
-    close(adapters.control(value, o, step_size=0.3, n_steps=5, l2=0.1), "e7_u")
+    assert (u - 0.1 * numeric).abs().max() <= 1e-4, (
+        "one step from u = 0 must be alpha * dV/do (checked by central differences): is it an ascent (+, not -), "
+        "scaled by the step size alpha, of V's gradient at o + u?")
+    close(adapters.control(value, o, step_size=0.3, n_steps=5, l2=0.1), "e7_u",
+          "five steps with alpha 0.3 and l2 0.1 give another u: each step is u <- u + alpha (grad V(o + u) - 2 l2 u)")
 
 
 class LinearValue(torch.nn.Module):
@@ -209,10 +290,15 @@ def test_e8_the_mean_is_over_responses_of_any_length():
 
 @pytest.mark.e8
 def test_e8_diversity_by_hand():
-    assert adapters.diversity([[1, 2, 3, 4, 5]]) == 1.0  # nothing repeats
-    # [1, 2, 1, 2, 1, 2]: 2-grams 2 unique of 5, 3-grams 2 of 4, 4-grams 2 of 3 -> 0.4 * 0.5 * 2/3 = 2/15
-    assert adapters.diversity([[1, 2, 1, 2, 1, 2]]) == pytest.approx(2 / 15)
-    assert adapters.diversity([[7], [1, 2, 3, 4, 5]]) == 1.0  # too short for any n-gram: nothing against it
+    got = adapters.diversity([[1, 2, 3, 4, 5]])
+    assert got == 1.0, f"nothing repeats in [1, 2, 3, 4, 5]: its diversity is 1, got {got}"
+    got = adapters.diversity([[1, 2, 1, 2, 1, 2]])
+    assert got == pytest.approx(2 / 15), (
+        f"[1, 2, 1, 2, 1, 2] has 2 unique 2-grams of 5, 2 unique 3-grams of 4 and 2 unique 4-grams of 3, so "
+        f"0.4 * 0.5 * 2/3 = 2/15 = 0.1333; got {got}: n runs over 2, 3, 4, a response of L tokens has L - n + 1 "
+        "n-grams, and the three ratios multiply")
+    got = adapters.diversity([[7], [1, 2, 3, 4, 5]])
+    assert got == 1.0, f"a response too short for any n-gram has nothing against it (it counts 1), got {got}"
 
 
 @pytest.mark.e6

@@ -1,0 +1,202 @@
+"""
+Grading a class: each submission's exercises run against the teacher's own tests.
+
+    python -m course.assignment grade submissions/     # one folder per student
+
+A submission is copied into a temporary folder; its tests/ and pytest.ini are replaced by the
+teacher's (the public exercise tests, tests/adapters.py, the snapshots, and the hidden tests a
+student never saw), and a file a student changed there is named in the report. Each exercise then
+runs in a process of its own with a time limit: a submission that crashes, hangs or cannot be
+imported gets a row that says so, and the next one is graded. The points of an exercise
+(course/exercises.py) are shared equally among its tests. The table is written to grades.md and
+grades.csv.
+"""
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from course.exercises import EXERCISES, ROOT, project_files, student_files
+from plumbing.files import write_text_atomically
+
+TIME_LIMIT = 120  # seconds for one exercise's tests; the reference needs under 10
+FIXED = ("tests/", "pytest.ini")  # what the grader puts back before it runs anything
+NOT_COPIED = shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache")
+
+
+@dataclass
+class Outcome:
+    """One exercise's tests in one folder."""
+    results: dict = field(default_factory=dict)  # test name: None if it passed, else its message
+    problem: str | None = None  # why no result came back (time limit, import error, ...)
+
+    def passed(self):
+        return sum(message is None for message in self.results.values())
+
+    def failures(self):
+        return {test: message for test, message in self.results.items() if message is not None}
+
+
+def first_line(text, limit=240):
+    line = next((s.strip() for s in (text or "").splitlines() if s.strip()), "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def read_report(path):
+    """{test name: None if it passed, else the first line of its failure} of a JUnit XML report."""
+    results = {}
+    for case in ET.parse(path).iter("testcase"):
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is None:
+            results[case.get("name")] = None
+        else:
+            results[case.get("name")] = first_line(problem.get("message") or problem.text)
+    return results
+
+
+def run_exercise(folder, exercise, time_limit=TIME_LIMIT):
+    """Run the tests marked with `exercise` (public and hidden) in `folder`, in a process group of
+    their own that is killed after time_limit seconds."""
+    report = os.path.join(folder, f".report-{exercise}.xml")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+               exercise.lower(), "tests/exercises", f"--junitxml={report}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    try:
+        output = process.communicate(timeout=time_limit)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the tests and anything they started
+        process.communicate()
+        return Outcome(problem=f"time limit of {time_limit} s exceeded (a loop that never ends?)")
+    if not os.path.exists(report):
+        return Outcome(problem=f"the tests did not run: {first_line(output[-2000:])}")
+    results = read_report(report)
+    broken = [message for test, message in results.items() if not test.startswith("test_")]
+    if broken:  # a test file could not be imported: the submission's code fails on import
+        return Outcome(problem=f"the tests could not import the code: {broken[0]}")
+    if not results:
+        return Outcome(problem="no test of this exercise was found")
+    return Outcome(results)
+
+
+def changed_files(submission):
+    """The files of tests/ and pytest.ini that a submission changed, added or removed, and the
+    conftest.py files it put elsewhere (pytest would load them)."""
+    handed_out = [f for f in student_files() if f.startswith(FIXED)]
+    changed = []
+    for name in handed_out:
+        mine = os.path.join(submission, name)
+        if not os.path.isfile(mine) or open(mine, "rb").read() != \
+                open(os.path.join(ROOT, name), "rb").read():
+            changed.append(name)
+    for folder, subfolders, names in os.walk(submission):
+        subfolders[:] = [s for s in subfolders if s not in (".git", "__pycache__", ".pytest_cache",
+                                                            "out")]
+        for n in names:
+            name = os.path.relpath(os.path.join(folder, n), submission).replace(os.sep, "/")
+            added = name.startswith("tests/") and name not in handed_out
+            if added or (n == "conftest.py" and not name.startswith("tests/")):
+                changed.append(name)
+    return sorted(changed)
+
+
+def restore_tests(work):
+    """Put the teacher's tests/ and pytest.ini into `work`, and remove conftest.py files outside
+    tests/."""
+    shutil.rmtree(os.path.join(work, "tests"), ignore_errors=True)
+    for name in project_files():
+        if name.startswith(FIXED):
+            os.makedirs(os.path.dirname(os.path.join(work, name)) or work, exist_ok=True)
+            shutil.copyfile(os.path.join(ROOT, name), os.path.join(work, name))
+    for folder, _, names in os.walk(work):
+        if "conftest.py" in names and os.path.relpath(folder, work).split(os.sep)[0] != "tests":
+            os.remove(os.path.join(folder, "conftest.py"))
+
+
+def grade_submission(submission, exercises, time_limit=TIME_LIMIT):
+    """({exercise: Outcome}, [notes]) of one submission folder, graded in a temporary copy."""
+    notes = []
+    changed = changed_files(submission)
+    if changed:
+        notes.append(f"changed the tests ({', '.join(changed)}): graded with the teacher's")
+    with tempfile.TemporaryDirectory(prefix="grade-") as work:
+        shutil.copytree(submission, work, dirs_exist_ok=True, ignore=NOT_COPIED)
+        restore_tests(work)
+        outcomes = {e: run_exercise(work, e, time_limit) for e in exercises}
+    for e, outcome in outcomes.items():
+        if outcome.problem:
+            notes.append(f"{e}: {outcome.problem}")
+        else:
+            notes += [f"{e}: {test}: {message}" for test, message in outcome.failures().items()]
+    return outcomes, notes
+
+
+def score(outcome, points):
+    """The points an exercise earns: its points shared equally among its tests."""
+    return round(points * outcome.passed() / len(outcome.results), 1) if outcome.results else 0.0
+
+
+def cell(outcome, points):
+    """A table cell: the points, and why not all of them."""
+    got = score(outcome, points)
+    if outcome.problem:
+        kind = "time limit" if outcome.problem.startswith("time limit") else "error"
+        return f"{got:g} ({kind})"
+    if outcome.passed() < len(outcome.results):
+        return f"{got:g} ({outcome.passed()} of {len(outcome.results)} tests)"
+    return f"{got:g}"
+
+
+def tables(graded, exercises):
+    """(Markdown, CSV) of {student: (outcomes, notes)}."""
+    header = ["student"] + [f"{e} ({EXERCISES[e].points})" for e in exercises]
+    header += [f"total ({sum(EXERCISES[e].points for e in exercises)})", "notes"]
+    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["student"] + list(exercises) + ["total", "notes"])
+    for student, (outcomes, notes) in graded.items():
+        points = [score(outcomes[e], EXERCISES[e].points) for e in exercises]
+        cells = [cell(outcomes[e], EXERCISES[e].points) for e in exercises]
+        noted = "; ".join(notes)
+        markdown.append("| " + " | ".join([student] + cells + [f"{sum(points):g}",
+                                                               noted.replace("|", "\\|")]) + " |")
+        writer.writerow([student] + [f"{p:g}" for p in points] + [f"{sum(points):g}", noted])
+    return "\n".join(markdown) + "\n", buffer.getvalue()
+
+
+def grade(submissions, exercises=tuple(EXERCISES), out=None, time_limit=TIME_LIMIT, log=print):
+    """Grade every folder in `submissions` (one per student); write grades.md and grades.csv to
+    `out` (default: `submissions`). Returns the Markdown table."""
+    if not os.path.isdir(submissions):
+        raise ValueError(f"{submissions} is not a folder; give the folder that holds one folder "
+                         "per student")
+    students = sorted(s for s in os.listdir(submissions)
+                      if os.path.isdir(os.path.join(submissions, s)) and not s.startswith("."))
+    if not students:
+        raise ValueError(f"{submissions} holds no submission; put each student's copy in a "
+                         "folder of its own inside it")
+    unknown = [e for e in exercises if e not in EXERCISES]
+    if unknown:
+        raise ValueError(f"unknown exercise {unknown[0]}; choose from {', '.join(EXERCISES)}")
+    graded = {}
+    for student in students:
+        log(f"grading {student} ...")
+        graded[student] = grade_submission(os.path.join(submissions, student), exercises,
+                                           time_limit)
+    markdown, table = tables(graded, exercises)
+    out = out or submissions
+    os.makedirs(out, exist_ok=True)
+    write_text_atomically(os.path.join(out, "grades.md"), markdown)
+    write_text_atomically(os.path.join(out, "grades.csv"), table)
+    log(markdown + f"\nwrote {os.path.join(out, 'grades.md')} and grades.csv")
+    return markdown

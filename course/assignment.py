@@ -48,10 +48,11 @@ def handout(exercises):
              "| exercise | where | the tests check | about | points |", "|---|---|---|---|---|"]
     lines += [f"| {e}: {EXERCISES[e].title} | {EXERCISES[e].where} | {EXERCISES[e].checks} | "
               f"{EXERCISES[e].minutes} min | {EXERCISES[e].points} |" for e in order]
-    lines += ["", "Grading puts back the tests/ folder and pytest.ini as handed out (tests/adapters.py",
-              "included: keep the names and arguments the docstrings give) and adds hidden tests:",
-              "the same properties on other inputs. Code that passes the tests here only because",
-              "it was fitted to their inputs loses the points of the hidden ones."]
+    lines += ["", "Grading puts back the tests/ folder and pytest.ini as handed out",
+              "(tests/adapters.py included: keep the names and arguments the docstrings give) and",
+              "adds hidden tests: the same properties on other inputs. Code that passes the tests",
+              "here only because it was fitted to their inputs loses the points of the hidden",
+              "ones."]
     lines += ["", f"Do them in this order: {', '.join(order)}. E4 (the objective) and E5 (V as an "
               "MLP) are", "definitions, not code to write: E4 is read in control.py, E5 is "
               "value.ValueFunction.", "",

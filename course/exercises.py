@@ -49,7 +49,8 @@ EXERCISES = {  # the one place the points are set; they sum to 100
                    "hand-computed n-gram diversities, responses of different lengths", 10, 10),
 }
 # the teacher's files: graded against, never handed out
-TEACHER_ONLY = ("tests/exercises/test_hidden.py", "course/mutations.py", "tests/test_course_mode.py")
+TEACHER_ONLY = ("tests/exercises/test_hidden.py", "course/mutations.py",
+                "tests/test_course_mode.py")
 BEGIN = re.compile(r"^(\s*)# >>> exercise (E\d+): (.*)$")
 
 

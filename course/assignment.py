@@ -94,6 +94,8 @@ def main(argv=None):
                         help="make: write into a folder that is not empty")
     parser.add_argument("--time-limit", type=int, default=TIME_LIMIT,
                         help="grade: seconds one exercise's tests may run in one submission")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="grade: submissions graded at once (at most one per CPU core)")
     parser.add_argument("--out", default=None,
                         help="grade: the folder for grades.md and grades.csv (default: the "
                         "submissions folder)")
@@ -101,7 +103,7 @@ def main(argv=None):
     if args.command == "make":
         make(args.folder, args.exercises, args.overwrite)
     else:
-        grade(args.folder, args.exercises, args.out, args.time_limit)
+        grade(args.folder, args.exercises, args.out, args.time_limit, args.workers)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from course.exercises import EXERCISES, ROOT, project_files, student_files
@@ -133,10 +134,12 @@ def grade_submission(submission, exercises, time_limit=TIME_LIMIT):
         restore_tests(work)
         outcomes = {e: run_exercise(work, e, time_limit) for e in exercises}
     for e, outcome in outcomes.items():
+        failures = list(outcome.failures().items())
         if outcome.problem:
             notes.append(f"{e}: {outcome.problem}")
-        else:
-            notes += [f"{e}: {test}: {message}" for test, message in outcome.failures().items()]
+        elif failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            notes.append(f"{e}: {failures[0][0]}{more}: {failures[0][1]}")
     return outcomes, notes
 
 
@@ -174,9 +177,10 @@ def tables(graded, exercises):
     return "\n".join(markdown) + "\n", buffer.getvalue()
 
 
-def grade(submissions, exercises=tuple(EXERCISES), out=None, time_limit=TIME_LIMIT, log=print):
-    """Grade every folder in `submissions` (one per student); write grades.md and grades.csv to
-    `out` (default: `submissions`). Returns the Markdown table."""
+def grade(submissions, exercises=tuple(EXERCISES), out=None, time_limit=TIME_LIMIT,
+          workers=1, log=print):
+    """Grade every folder in `submissions` (one per student), `workers` at a time; write grades.md
+    and grades.csv to `out` (default: `submissions`). Returns the Markdown table."""
     if not os.path.isdir(submissions):
         raise ValueError(f"{submissions} is not a folder; give the folder that holds one folder "
                          "per student")
@@ -188,11 +192,17 @@ def grade(submissions, exercises=tuple(EXERCISES), out=None, time_limit=TIME_LIM
     unknown = [e for e in exercises if e not in EXERCISES]
     if unknown:
         raise ValueError(f"unknown exercise {unknown[0]}; choose from {', '.join(EXERCISES)}")
-    graded = {}
-    for student in students:
+    if time_limit <= 0 or workers < 1:
+        raise ValueError(f"--time-limit must be > 0 and --workers >= 1, got {time_limit} and "
+                         f"{workers}")
+
+    def one(student):
         log(f"grading {student} ...")
-        graded[student] = grade_submission(os.path.join(submissions, student), exercises,
-                                           time_limit)
+        return grade_submission(os.path.join(submissions, student), exercises, time_limit)
+
+    # each submission's tests run in processes of their own
+    with ThreadPoolExecutor(workers) as pool:
+        graded = dict(zip(students, pool.map(one, students)))
     markdown, table = tables(graded, exercises)
     out = out or submissions
     os.makedirs(out, exist_ok=True)

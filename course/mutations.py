@@ -247,8 +247,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2,
                         help="copies of the project tested at once (one per CPU core)")
     args = parser.parse_args(argv)
-    table, problems = report([p for p in MISTAKES if p.exercise in args.only],
-                             [p for p in ALTERNATIVES if p.exercise in args.only], args.workers)
+    chosen = [[p for p in plants if p.exercise in args.only] for plants in (MISTAKES, ALTERNATIVES)]
+    table, problems = report(*chosen, args.workers)
     print(table)
     if problems:
         raise SystemExit("the exercise tests let these through:\n" + "\n".join(problems))

@@ -1,15 +1,18 @@
 """Course mode itself: a student copy's exercise tests fail exactly where exercises are blanked, each with its own
-NotImplementedError, pass everywhere else, and all pass once the reference blocks are put back."""
+NotImplementedError, pass everywhere else, and all pass once the reference blocks are put back; the teacher's files
+stay out of it; every planted mistake is caught and every correct alternative passes (the mutation suite); and
+`grade` turns a folder of submissions, one complete, one wrong, one that hangs, crashes and edits the tests, into
+the right table."""
 
+import csv
 import os
 import shutil
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 
 import pytest
 
-from course import assignment, exercises
+from course import assignment, exercises, grading, mutations
 
 
 def run_exercise_tests(folder):
@@ -17,11 +20,7 @@ def run_exercise_tests(folder):
     report = folder / "report.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/exercises",
                     f"--junitxml={report}"], cwd=folder, capture_output=True, timeout=300)
-    results = {}
-    for case in ET.parse(report).iter("testcase"):
-        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
-        results[case.get("name")] = None if problem is None else problem.get("message")
-    return results
+    return grading.read_report(report)
 
 
 def exercise_of(test_name):  # test_e6_... -> E6
@@ -61,3 +60,93 @@ def test_blanking_keeps_the_markers_and_refuses_an_unclosed_block():
     assert exercises.blank(text, ["E6"]) == text
     with pytest.raises(ValueError, match="exercise E9 has no end marker"):
         exercises.blank(text.replace("    # <<< exercise E9\n", ""), ["E9"])
+
+
+def test_a_student_copy_holds_none_of_the_teachers_files(tmp_path):
+    assignment.make(str(tmp_path / "s"), ["E6"], log=lambda *a: None)
+    for name in exercises.TEACHER_ONLY:
+        assert os.path.exists(os.path.join(exercises.ROOT, name)) and not (tmp_path / "s" / name).exists(), name
+    assert "raise NotImplementedError(\"E6: " in (tmp_path / "s" / "value.py").read_text()
+
+
+def test_every_plant_stands_in_its_exercise_block_once(tmp_path):
+    for plant in mutations.MISTAKES + mutations.ALTERNATIVES:
+        os.makedirs(os.path.dirname(tmp_path / plant.file), exist_ok=True)
+        shutil.copyfile(os.path.join(exercises.ROOT, plant.file), tmp_path / plant.file)
+        reference = mutations.plant(str(tmp_path), plant)
+        assert (tmp_path / plant.file).read_text() != reference, plant.what
+    moved = mutations.Plant("E7", "a line of E6's block", "value.py", mutations.SG, "    bootstrap = values")
+    with pytest.raises(ValueError, match="not inside the exercise's block of value.py"):
+        mutations.plant(str(tmp_path), moved)
+
+
+def test_grading_names_changed_tests_and_puts_back_the_teachers(tmp_path):
+    submission, work = tmp_path / "sub", tmp_path / "work"
+    exercises.copy_project(str(submission), files=exercises.student_files())
+    assert grading.changed_files(str(submission)) == []
+    with open(submission / "tests" / "exercises" / "test_exercises.py", "a") as f:
+        f.write("\n# all pass\n")
+    (submission / "tests" / "conftest_extra.py").write_text("")
+    (submission / "conftest.py").write_text("")
+    assert grading.changed_files(str(submission)) == ["conftest.py", "tests/conftest_extra.py",
+                                                      "tests/exercises/test_exercises.py"]
+    shutil.copytree(submission, work)
+    grading.restore_tests(str(work))
+    assert not (work / "conftest.py").exists() and not (work / "tests" / "conftest_extra.py").exists()
+    assert (work / "tests" / "exercises" / "test_hidden.py").exists()
+    assert (work / "tests" / "exercises" / "test_exercises.py").read_text() == \
+        open(os.path.join(exercises.ROOT, "tests", "exercises", "test_exercises.py")).read()
+
+
+def test_a_test_that_hangs_is_stopped_at_the_time_limit(tmp_path):
+    (tmp_path / "tests" / "exercises").mkdir(parents=True)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    e8: hangs\n")
+    (tmp_path / "tests" / "exercises" / "test_loop.py").write_text(
+        "import pytest\n\n@pytest.mark.e8\ndef test_e8_forever():\n    while True:\n        pass\n")
+    outcome = grading.run_exercise(str(tmp_path), "E8", time_limit=5)
+    assert outcome.problem.startswith("time limit of 5 s exceeded") and grading.score(outcome, 10) == 0
+
+
+def test_the_table_gives_points_and_says_why_not_all():
+    ok = grading.Outcome({"test_e8_a": None, "test_e8_b": None})
+    half = grading.Outcome({"test_e8_a": None, "test_e8_b": "AssertionError: wrong"})
+    hung = grading.Outcome(problem="time limit of 5 s exceeded")
+    graded = {"ann": ({"E8": ok}, []), "ben": ({"E8": half}, ["E8: test_e8_b: AssertionError: wrong | x"]),
+              "cy": ({"E8": hung}, ["E8: time limit of 5 s exceeded"])}
+    markdown, table = grading.tables(graded, ["E8"])
+    assert "| ann | 10 | 10 |  |" in markdown and "| ben | 5 (1 of 2 tests) | 5 |" in markdown
+    assert "| cy | 0 (time limit) | 0 |" in markdown and "wrong \\| x" in markdown
+    rows = list(csv.reader(table.splitlines()))
+    assert rows[0] == ["student", "E8", "total", "notes"] and rows[2][:3] == ["ben", "5", "5"]
+
+
+@pytest.mark.slow
+def test_every_planted_mistake_is_caught_and_every_alternative_passes():
+    table, problems = mutations.report(mutations.MISTAKES, mutations.ALTERNATIVES)
+    assert not problems, "\n".join(problems)
+    assert table.count("| caught |") == len(mutations.MISTAKES)
+
+
+@pytest.mark.slow
+def test_grade_a_class_of_three(tmp_path):
+    for student in ("ada", "ben", "cy"):
+        exercises.copy_project(str(tmp_path / "class" / student), files=exercises.student_files())
+    gamma_once = next(p for p in mutations.MISTAKES if p.what.startswith("gamma applied once"))
+    mutations.plant(str(tmp_path / "class" / "ben"), gamma_once)
+    cy = tmp_path / "class" / "cy"
+    for name, old, new in (("value.py", "    last = last_index(mask)", "    while True:\n        pass"),
+                           ("evaluation/metrics.py", "    scores = []\n", "    scores = 1 / 0\n")):
+        text = (cy / name).read_text()
+        (cy / name).write_text(text.replace(old, new, 1))
+    with open(cy / "tests" / "exercises" / "test_exercises.py", "a") as f:
+        f.write("\n")
+    grading.grade(str(tmp_path / "class"), out=str(tmp_path / "grades"), time_limit=30, workers=2,
+                  log=lambda *a: None)
+    rows = {r["student"]: r for r in csv.DictReader(open(tmp_path / "grades" / "grades.csv"))}
+    assert rows["ada"]["total"] == "100" and rows["ada"]["notes"] == ""
+    assert float(rows["ben"]["E6"]) < 30 and rows["ben"]["E7"] == "20"
+    assert "test_e6_discount_by_hand" in rows["ben"]["notes"] and "gamma^(T-t) R" in rows["ben"]["notes"]
+    assert rows["cy"]["E6"] == "0" and rows["cy"]["E8"] == "0" and rows["cy"]["E1"] == "15"
+    assert "E6: time limit of 30 s exceeded" in rows["cy"]["notes"] and "ZeroDivisionError" in rows["cy"]["notes"]
+    assert "changed the tests (tests/exercises/test_exercises.py)" in rows["cy"]["notes"]
+    assert "| cy |" in (tmp_path / "grades" / "grades.md").read_text()

@@ -53,9 +53,10 @@ def handout(exercises):
               "adds hidden tests: the same properties on other inputs. Code that passes the tests",
               "here only because it was fitted to their inputs loses the points of the hidden",
               "ones."]
-    lines += ["", f"Do them in this order: {', '.join(order)}. E4 (the objective) and E5 (V as an "
-              "MLP) are", "definitions, not code to write: E4 is read in control.py, E5 is "
-              "value.ValueFunction.", "",
+    todo = f"Do them in this order: {', '.join(order)}." if order else \
+        "Nothing is blanked in this copy: it is the reference."
+    lines += ["", f"{todo} E4 (the objective) and E5 (V as an MLP) are", "definitions, not code "
+              "to write: E4 is read in control.py, E5 is value.ValueFunction.", "",
               "docs/walkthrough.md runs the method step by step; each step needs the exercises "
               "it runs:"]
     lines += [f"- step {step}: {needs}" for step, needs in WALKTHROUGH_NEEDS.items()]
@@ -78,7 +79,7 @@ def make(dest, exercises, overwrite=False, log=print):
     copy_project(dest, exercises, student_files())
     with open(os.path.join(dest, "ASSIGNMENT.md"), "w") as f:
         f.write(handout([e for e in EXERCISES if e in exercises]))
-    log(f"wrote a student copy to {dest} with exercises {', '.join(exercises)} blanked, and "
+    log(f"wrote a student copy to {dest} with exercises {', '.join(exercises) or '(none)'} blanked, and "
         f"{dest}/ASSIGNMENT.md")
 
 
@@ -88,8 +89,9 @@ def main(argv=None):
                         help="make: write a student copy; grade: grade a folder of submissions")
     parser.add_argument("folder", help="make: the folder of the student copy; grade: the folder "
                         "that holds one folder per student")
-    parser.add_argument("--exercises", nargs="+", default=list(EXERCISES),
-                        help="the exercises to blank (make) or to grade (grade)")
+    parser.add_argument("--exercises", nargs="*", default=list(EXERCISES),
+                        help="the exercises to blank (make) or to grade (grade); make with none "
+                        "named writes the reference itself, a complete submission to try grade on")
     parser.add_argument("--overwrite", action="store_true",
                         help="make: write into a folder that is not empty")
     parser.add_argument("--time-limit", type=int, default=TIME_LIMIT,

@@ -96,7 +96,7 @@ MISTAKES = [
           "            G = gamma * (lam * bootstrap[:, t + 1] + (1 - lam) * G)"),
     Plant("E6", "gamma on the bootstrap only, the returns undiscounted", TD, STEP_BACK,
           "            G = (1 - lam) * gamma * bootstrap[:, t + 1] + lam * G"),
-    Plant("E6", "gamma applied once in all, not once per step", TD, STEP_BACK,
+    Plant("E6", "gamma never applied", TD, STEP_BACK,
           "            G = (1 - lam) * bootstrap[:, t + 1] + lam * G"),
     Plant("E6", "off by one: bootstrapping from V(o_t), not V(o_{t+1})", TD, STEP_BACK,
           "            G = gamma * ((1 - lam) * bootstrap[:, t] + lam * G)"),

@@ -29,7 +29,7 @@ def test_e1_the_cache_gives_the_states_of_a_full_forward_pass():
     model, x = tiny_model(), inputs()
     try:
         cached = adapters.cached_states(model, x["tokens"], prefill=4)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:  # the model's own check: more positions than the cache holds
         pytest.fail(f"reading through the cache failed ({e}): write stores this step's k, v after the `length` filled "
                     "slots and returns every filled slot; it leaves `length` alone (the model moves it after all layers)")
     with torch.no_grad():  # property: the memory gives what recomputing everything gives

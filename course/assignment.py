@@ -79,7 +79,8 @@ def make(dest, exercises, overwrite=False, log=print):
     copy_project(dest, exercises, student_files())
     with open(os.path.join(dest, "ASSIGNMENT.md"), "w") as f:
         f.write(handout([e for e in EXERCISES if e in exercises]))
-    log(f"wrote a student copy to {dest} with exercises {', '.join(exercises) or '(none)'} blanked, and "
+    blanked = ", ".join(exercises) or "(none)"
+    log(f"wrote a student copy to {dest} with exercises {blanked} blanked, and "
         f"{dest}/ASSIGNMENT.md")
 
 

@@ -1,8 +1,8 @@
 """
-The grader's own test: the mistakes students make, planted one at a time in a copy of the reference,
-each of which its exercise's tests (public and hidden) must catch; and other correct ways to write an
-exercise, each of which they must pass. Run by a slow test, so the exercise tests cannot weaken
-unnoticed; the table it prints says which test catches which mistake, and with what message.
+The grader's own test: the mistakes students make, planted one at a time in a copy of the
+reference, each of which its exercise's tests (public and hidden) must catch; and other correct ways
+to write an exercise, each of which they must pass. Run by a slow test, so the exercise tests cannot
+weaken unnoticed; the table it prints says which tests catch which mistake, and with what message.
 
     python -m course.mutations            # every plant, two at a time (a few minutes)
     python -m course.mutations --only E6  # one exercise's

@@ -101,8 +101,10 @@ def test_e3_the_edit_reaches_the_head_but_never_the_state():
                 f"greedy tokens {response}, expected {expected}: each token is the argmax of W edit(o_t), the "
                 "head reading the edited state (the edit applied once, to this step's state)")
             # the states the loop went through are the model's own, o_t of each token: the edit is not in them
-            assert (s - model.wte(torch.tensor(prompt[-1:] + response))).abs().max() == 0
-    assert adapters.greedy(model, prompts, 6)[0] == adapters.greedy(model, prompts, 6, edit=lambda o: o)[0]
+            assert (s - model.wte(torch.tensor(prompt[-1:] + response))).abs().max() == 0, (
+                "the recorded states must be the model's own o_t, read from the tokens: the edit never enters them")
+    assert adapters.greedy(model, prompts, 6)[0] == adapters.greedy(model, prompts, 6, edit=lambda o: o)[0], (
+        "an edit that changes nothing must give the base model's tokens")
 
 
 class Remembering(Memoryless):
@@ -258,7 +260,7 @@ def test_e6_the_loss_matches_the_snapshots():
 @pytest.mark.e7
 def test_e7_one_ascent_step_follows_the_gradient_of_v():
     value, o = tiny_value(), inputs()["o"]
-    assert adapters.control(value, o, step_size=0.5, n_steps=0).abs().max() == 0  # n = 0: the base model
+    assert adapters.control(value, o, step_size=0.5, n_steps=0).abs().max() == 0, "n = 0 steps: u = 0, the base model"
     before = o.clone()
     u = adapters.control(value, o, step_size=0.1, n_steps=1)
     assert torch.equal(o, before), "control changed the caller's states o in place: build u, leave o alone"
@@ -324,4 +326,6 @@ def test_e8_the_mean_is_over_responses_of_any_length():
 def test_e6_training_on_gamblers_ruin_recovers_the_true_values():
     # a fair walk from 2 on 0..4, R = +1 at 4 and -1 at 0: the true value of state s is (s - 2) / 2
     learned = learned_gamblers_ruin_values(lambda value, *batch: adapters.loss(value, *batch, lam=0.5))
-    assert (learned - TRUE_VALUES).abs().max() < 0.1
+    assert (learned - TRUE_VALUES).abs().max() < 0.1, (
+        f"TD(0.5) on gambler's ruin learned V = {[round(v, 2) for v in learned.tolist()]}, the true values are "
+        f"{TRUE_VALUES.tolist()}: check the targets (held fixed, R at each walk's own end) and the mean over real states")

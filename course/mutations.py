@@ -159,12 +159,24 @@ ALTERNATIVES = [
           also=(("    return torch.stack(targets, dim=1)  # (B, L)",
                  "    targets = torch.stack(targets, dim=1)  # (B, L)\n"
                  "    return targets.detach() if stop_gradient else targets"),)),
+    Plant("E6", "one response at a time, the padding's targets left at 0", TD,
+          "    rewards = rewards.float()\n", "    rewards = rewards.float()\n"
+          "    done = torch.zeros(B, L, device=values.device)\n    for b in range(B):\n"
+          "        G = rewards[b]\n        done[b, last[b]] = G\n"
+          "        for t in range(int(last[b]) - 1, -1, -1):\n"
+          "            G = gamma * ((1 - lam) * bootstrap[b, t + 1] + lam * G)\n"
+          "            done[b, t] = G\n    return done\n"),
     Plant("E6", "the loss with F.mse_loss on the real states", TD, MEAN,
           "    return torch.nn.functional.mse_loss(values[mask.bool()], targets[mask.bool()])"),
     Plant("E7", "autograd, a fresh gradient at every step", ASCENT, GRAD,
           "            with torch.enable_grad():\n"
           "                x = (o + u).requires_grad_(True)\n"
           "                (dv,) = torch.autograd.grad(self.value(x).sum(), x)\n" + GRAD),
+    Plant("E7", "backward() into a fresh leaf at every step", ASCENT, GRAD,
+          "            with torch.enable_grad():\n"
+          "                x = (o + u).detach().requires_grad_(True)\n"
+          "                self.value(x).sum().backward()\n"
+          "            grad = x.grad - 2 * c.l2 * u"),
     Plant("E7", "u += alpha grad", ASCENT, ASCEND, "            u += c.step_size * grad"),
     Plant("E8", "n-grams with zip and a Counter-free set", METRIC, GRAMS,
           "            grams = list(zip(*(tokens[i:] for i in range(n))))"),

@@ -150,3 +150,10 @@ def test_grade_a_class_of_three(tmp_path):
     assert "E6: time limit of 30 s exceeded" in rows["cy"]["notes"] and "ZeroDivisionError" in rows["cy"]["notes"]
     assert "changed the tests (tests/exercises/test_exercises.py)" in rows["cy"]["notes"]
     assert "| cy |" in (tmp_path / "grades" / "grades.md").read_text()
+
+
+def test_the_docs_count_the_plants_there_are():
+    guide = open(os.path.join(exercises.ROOT, "docs", "course.md")).read()
+    readme = open(os.path.join(exercises.ROOT, "README.md")).read()
+    assert f"lists {len(mutations.MISTAKES)} mistakes" in guide and f"{len(mutations.ALTERNATIVES)} other correct" in guide
+    assert f"a suite of {len(mutations.MISTAKES)} planted mistakes" in readme

@@ -89,7 +89,7 @@ def main(argv=None):
     parser.add_argument("command", choices=["make", "grade"],
                         help="make: write a student copy; grade: grade a folder of submissions")
     parser.add_argument("folder", help="make: the folder of the student copy; grade: the folder "
-                        "that holds one folder per student")
+                        "that holds one folder (or .zip) per student")
     parser.add_argument("--exercises", nargs="*", default=list(EXERCISES),
                         help="the exercises to blank (make) or to grade (grade); make with none "
                         "named writes the reference itself, a complete submission to try grade on")

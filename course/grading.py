@@ -1,15 +1,15 @@
 """
 Grading a class: each submission's exercises run against the teacher's own tests.
 
-    python -m course.assignment grade submissions/     # one folder per student
+    python -m course.assignment grade submissions/     # one folder (or .zip) per student
 
-A submission is copied into a temporary folder; its tests/ and pytest.ini are replaced by the
-teacher's (the public exercise tests, tests/adapters.py, the snapshots, and the hidden tests a
-student never saw), and a file a student changed there is named in the report. Each exercise then
-runs in a process of its own with a time limit: a submission that crashes, hangs or cannot be
-imported gets a row that says so, and the next one is graded. The points of an exercise
-(course/exercises.py) are shared equally among its tests. The table is written to grades.md and
-grades.csv.
+A submission (a folder, or a .zip of one) is copied into a temporary folder; its tests/ and
+pytest.ini are replaced by the teacher's (the public exercise tests, tests/adapters.py, the
+snapshots, and the hidden tests a student never saw), and a file a student changed there is named in
+the report. Each exercise then runs in a process of its own with a time limit: a submission that
+crashes, hangs or cannot be imported gets a row that says so, and the next one is graded. The points
+of an exercise (course/exercises.py) are shared equally among its tests. The table is written to
+grades.md and grades.csv.
 """
 
 import csv
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -123,16 +124,24 @@ def restore_tests(work):
             os.remove(os.path.join(folder, "conftest.py"))
 
 
-def grade_submission(submission, exercises, time_limit=TIME_LIMIT):
-    """({exercise: Outcome}, [notes]) of one submission folder, graded in a temporary copy."""
+def unpacked(submission, into):
+    """The folder of a submission: `submission` itself, or, for a .zip, where it is unpacked in
+    `into` (its one top folder, when it has one)."""
+    if not submission.endswith(".zip"):
+        return submission
+    try:
+        with zipfile.ZipFile(submission) as archive:
+            archive.extractall(into)  # names with .. or a leading / are kept inside `into`
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"cannot unpack {os.path.basename(submission)}: {e}") from None
+    entries = [e for e in os.listdir(into) if e != "__MACOSX"]
+    top = os.path.join(into, entries[0]) if len(entries) == 1 else into
+    return top if os.path.isdir(top) else into
+
+
+def notes_of(outcomes):
+    """One note per exercise that lost points: its problem, or its first failing test."""
     notes = []
-    changed = changed_files(submission)
-    if changed:
-        notes.append(f"changed the tests ({', '.join(changed)}): graded with the teacher's")
-    with tempfile.TemporaryDirectory(prefix="grade-") as work:
-        shutil.copytree(submission, work, dirs_exist_ok=True, ignore=NOT_COPIED)
-        restore_tests(work)
-        outcomes = {e: run_exercise(work, e, time_limit) for e in exercises}
     for e, outcome in outcomes.items():
         failures = list(outcome.failures().items())
         if outcome.problem:
@@ -140,7 +149,25 @@ def grade_submission(submission, exercises, time_limit=TIME_LIMIT):
         elif failures:
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
             notes.append(f"{e}: {failures[0][0]}{more}: {failures[0][1]}")
-    return outcomes, notes
+    return notes
+
+
+def grade_submission(submission, exercises, time_limit=TIME_LIMIT):
+    """({exercise: Outcome}, [notes]) of one submission (a folder or a .zip), graded in a
+    temporary copy."""
+    with tempfile.TemporaryDirectory(prefix="grade-") as scratch:
+        try:
+            source = unpacked(submission, os.path.join(scratch, "unpacked"))
+        except ValueError as e:
+            return {x: Outcome(problem=str(e)) for x in exercises}, [str(e)]
+        changed = changed_files(source)
+        work = os.path.join(scratch, "work")
+        shutil.copytree(source, work, ignore=NOT_COPIED)
+        restore_tests(work)
+        outcomes = {e: run_exercise(work, e, time_limit) for e in exercises}
+    notes = [f"changed the tests ({', '.join(changed)}): graded with the teacher's"] if changed \
+        else []
+    return outcomes, notes + notes_of(outcomes)
 
 
 def score(outcome, points):
@@ -177,18 +204,28 @@ def tables(graded, exercises):
     return "\n".join(markdown) + "\n", buffer.getvalue()
 
 
+def submissions_in(folder):
+    """{student: their folder or .zip} of a class folder, by name."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is not a folder; give the folder that holds one folder (or "
+                         ".zip) per student")
+    named = sorted(s for s in os.listdir(folder) if not s.startswith(".") and
+                   (os.path.isdir(os.path.join(folder, s)) or s.endswith(".zip")))
+    paths = {s.removesuffix(".zip"): os.path.join(folder, s) for s in named}
+    if len(paths) != len(named):
+        twice = next(s for s in named if s.endswith(".zip") and s[:-4] in named)
+        raise ValueError(f"{folder} holds both a folder and a .zip for {twice[:-4]}; keep one")
+    if not paths:
+        raise ValueError(f"{folder} holds no submission; put each student's copy in a folder (or "
+                         "a .zip) of its own inside it")
+    return paths
+
+
 def grade(submissions, exercises=tuple(EXERCISES), out=None, time_limit=TIME_LIMIT,
           workers=1, log=print):
-    """Grade every folder in `submissions` (one per student), `workers` at a time; write grades.md
-    and grades.csv to `out` (default: `submissions`). Returns the Markdown table."""
-    if not os.path.isdir(submissions):
-        raise ValueError(f"{submissions} is not a folder; give the folder that holds one folder "
-                         "per student")
-    students = sorted(s for s in os.listdir(submissions)
-                      if os.path.isdir(os.path.join(submissions, s)) and not s.startswith("."))
-    if not students:
-        raise ValueError(f"{submissions} holds no submission; put each student's copy in a "
-                         "folder of its own inside it")
+    """Grade every folder or .zip in `submissions` (one per student), `workers` at a time; write
+    grades.md and grades.csv to `out` (default: `submissions`). Returns the Markdown table."""
+    paths = submissions_in(submissions)
     unknown = [e for e in exercises if e not in EXERCISES]
     if unknown:
         raise ValueError(f"unknown exercise {unknown[0]}; choose from {', '.join(EXERCISES)}")
@@ -198,11 +235,11 @@ def grade(submissions, exercises=tuple(EXERCISES), out=None, time_limit=TIME_LIM
 
     def one(student):
         log(f"grading {student} ...")
-        return grade_submission(os.path.join(submissions, student), exercises, time_limit)
+        return grade_submission(paths[student], exercises, time_limit)
 
     # each submission's tests run in processes of their own
     with ThreadPoolExecutor(workers) as pool:
-        graded = dict(zip(students, pool.map(one, students)))
+        graded = dict(zip(paths, pool.map(one, paths)))
     markdown, table = tables(graded, exercises)
     out = out or submissions
     os.makedirs(out, exist_ok=True)

@@ -157,3 +157,23 @@ def test_the_docs_count_the_plants_there_are():
     readme = open(os.path.join(exercises.ROOT, "README.md")).read()
     assert f"lists {len(mutations.MISTAKES)} mistakes" in guide and f"{len(mutations.ALTERNATIVES)} other correct" in guide
     assert f"a suite of {len(mutations.MISTAKES)} planted mistakes" in readme
+
+
+def test_a_class_is_folders_and_zips_and_a_broken_zip_gets_a_row(tmp_path):
+    import zipfile
+    (tmp_path / "ada").mkdir()
+    with zipfile.ZipFile(tmp_path / "ben.zip", "w") as archive:
+        archive.writestr("ben-main/value.py", "x = 1\n")
+    (tmp_path / "cy.zip").write_bytes(b"not a zip")
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / ".hidden").mkdir()
+    assert list(grading.submissions_in(str(tmp_path))) == ["ada", "ben", "cy"]
+    assert grading.unpacked(str(tmp_path / "ben.zip"), str(tmp_path / "u")) == str(tmp_path / "u" / "ben-main")
+    outcomes, notes = grading.grade_submission(str(tmp_path / "cy.zip"), ["E6", "E8"])
+    assert notes == ["cannot unpack cy.zip: File is not a zip file"]
+    assert all(grading.score(o, 10) == 0 and o.problem == notes[0] for o in outcomes.values())
+    (tmp_path / "ada.zip").write_bytes(b"")
+    with pytest.raises(ValueError, match="both a folder and a .zip for ada; keep one"):
+        grading.submissions_in(str(tmp_path))
+    with pytest.raises(ValueError, match="holds no submission"):
+        grading.submissions_in(str(tmp_path / ".hidden"))

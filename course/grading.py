@@ -13,6 +13,7 @@ grades.md and grades.csv.
 """
 
 import csv
+import filecmp
 import io
 import os
 import shutil
@@ -52,21 +53,29 @@ def first_line(text, limit=240):
 
 
 def read_report(path):
-    """{test name: None if it passed, else the first line of its failure} of a JUnit XML report."""
+    """{test name: None if it passed, else the first line of its failure} of a JUnit XML report. A
+    skipped test did not pass."""
     results = {}
     for case in ET.parse(path).iter("testcase"):
-        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        problem = next((case.find(kind) for kind in ("failure", "error", "skipped")
+                        if case.find(kind) is not None), None)
         if problem is None:
             results[case.get("name")] = None
         else:
-            results[case.get("name")] = first_line(problem.get("message") or problem.text)
+            said = first_line(problem.get("message") or problem.text)
+            results[case.get("name")] = f"skipped: {said}" if problem.tag == "skipped" else said
     return results
 
 
 def run_exercise(folder, exercise, time_limit=TIME_LIMIT):
     """Run the tests marked with `exercise` (public and hidden) in `folder`, in a process group of
     their own that is killed after time_limit seconds."""
-    report = os.path.join(folder, f".report-{exercise}.xml")
+    with tempfile.TemporaryDirectory(prefix="report-") as reports:  # outside the submission
+        return run_tests(folder, exercise, time_limit, os.path.join(reports, "report.xml"))
+
+
+def run_tests(folder, exercise, time_limit, report):
+    """run_exercise, its JUnit report written to `report`."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
                exercise.lower(), "tests/exercises", f"--junitxml={report}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
@@ -97,8 +106,8 @@ def changed_files(submission):
     changed = []
     for name in handed_out:
         mine = os.path.join(submission, name)
-        if not os.path.isfile(mine) or open(mine, "rb").read() != \
-                open(os.path.join(ROOT, name), "rb").read():
+        if not os.path.isfile(mine) or not filecmp.cmp(mine, os.path.join(ROOT, name),
+                                                       shallow=False):
             changed.append(name)
     for folder, subfolders, names in os.walk(submission):
         subfolders[:] = [s for s in subfolders if s not in (".git", "__pycache__", ".pytest_cache",
@@ -114,7 +123,11 @@ def changed_files(submission):
 def restore_tests(work):
     """Put the teacher's tests/ and pytest.ini into `work`, and remove conftest.py files outside
     tests/."""
-    shutil.rmtree(os.path.join(work, "tests"), ignore_errors=True)
+    tests = os.path.join(work, "tests")
+    if os.path.isdir(tests):
+        shutil.rmtree(tests)
+    elif os.path.lexists(tests):
+        os.remove(tests)
     for name in project_files():
         if name.startswith(FIXED):
             os.makedirs(os.path.dirname(os.path.join(work, name)) or work, exist_ok=True)

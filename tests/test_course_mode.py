@@ -98,13 +98,18 @@ def test_grading_names_changed_tests_and_puts_back_the_teachers(tmp_path):
         open(os.path.join(exercises.ROOT, "tests", "exercises", "test_exercises.py")).read()
 
 
-def test_a_test_that_hangs_is_stopped_at_the_time_limit(tmp_path):
+def test_a_test_that_hangs_is_stopped_at_the_time_limit_and_a_skipped_one_earns_nothing(tmp_path):
     (tmp_path / "tests" / "exercises").mkdir(parents=True)
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    e8: hangs\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    e7: skips\n    e8: hangs\n")
     (tmp_path / "tests" / "exercises" / "test_loop.py").write_text(
-        "import pytest\n\n@pytest.mark.e8\ndef test_e8_forever():\n    while True:\n        pass\n")
+        "import pytest\n\n@pytest.mark.e8\ndef test_e8_forever():\n    while True:\n        pass\n\n\n"
+        "@pytest.mark.e7\ndef test_e7_skipped():\n    pytest.skip('not today')\n\n\n"
+        "@pytest.mark.e7\ndef test_e7_passes():\n    pass\n")
     outcome = grading.run_exercise(str(tmp_path), "E8", time_limit=5)
     assert outcome.problem.startswith("time limit of 5 s exceeded") and grading.score(outcome, 10) == 0
+    outcome = grading.run_exercise(str(tmp_path), "E7", time_limit=60)
+    assert outcome.failures() == {"test_e7_skipped": "skipped: not today"} and grading.score(outcome, 10) == 5
+    assert not list(tmp_path.glob("**/*.xml")), "the report is written outside the submission"
 
 
 def test_the_table_gives_points_and_says_why_not_all():

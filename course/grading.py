@@ -6,10 +6,11 @@ Grading a class: each submission's exercises run against the teacher's own tests
 A submission (a folder, or a .zip of one) is copied into a temporary folder; its tests/ and
 pytest.ini are replaced by the teacher's (the public exercise tests, tests/adapters.py, the
 snapshots, and the hidden tests a student never saw), and a file a student changed there is named in
-the report. Each exercise then runs in a process of its own with a time limit: a submission that
-crashes, hangs or cannot be imported gets a row that says so, and the next one is graded. The points
-of an exercise (course/exercises.py) are shared equally among its tests. The table is written to
-grades.md and grades.csv.
+the report. The exercises' tests run in a process with a time limit; when it runs past it or dies,
+each exercise runs again in a process of its own, so a submission that hangs or crashes loses only
+that exercise, gets a row that says so, and the next one is graded. The points of an exercise
+(course/exercises.py) are shared equally among its tests. The table is written to grades.md and
+grades.csv.
 """
 
 import csv
@@ -67,30 +68,49 @@ def read_report(path):
     return results
 
 
-def run_exercise(folder, exercise, time_limit=TIME_LIMIT):
-    """Run the tests marked with `exercise` (public and hidden) in `folder`, in a process group of
-    their own that is killed after time_limit seconds."""
+def exercise_of(test):
+    """test_e6_the_loss_by_hand[...] -> E6: every exercise test is named after its exercise."""
+    return test.split("_")[1].upper()
+
+
+def run_exercises(folder, exercises, time_limit=TIME_LIMIT):
+    """{exercise: Outcome}. Every exercise's tests run in one process first (one start-up, not one
+    each); when that one runs past the limit or dies, each exercise runs again in a process of its
+    own, so that a hang or a crash costs only its own exercise."""
+    together = run_tests(folder, exercises, time_limit)
+    if together.problem and not together.problem.startswith("the tests could not import"):
+        return {e: run_tests(folder, [e], time_limit) for e in exercises}
+    outcomes = {}
+    for e in exercises:
+        mine = {test: message for test, message in together.results.items()
+                if exercise_of(test) == e}
+        outcomes[e] = Outcome(mine, together.problem or
+                              (None if mine else "no test of this exercise was found"))
+    return outcomes
+
+
+def run_tests(folder, exercises, time_limit=TIME_LIMIT):
+    """The Outcome of the tests marked with any of `exercises` (public and hidden) in `folder`, run
+    in a process group of their own that is killed after time_limit seconds."""
     with tempfile.TemporaryDirectory(prefix="report-") as reports:  # outside the submission
-        return run_tests(folder, exercise, time_limit, os.path.join(reports, "report.xml"))
-
-
-def run_tests(folder, exercise, time_limit, report):
-    """run_exercise, its JUnit report written to `report`."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-               exercise.lower(), "tests/exercises", f"--junitxml={report}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
-    try:
-        output = process.communicate(timeout=time_limit)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the tests and anything they started
-        process.communicate()
-        return Outcome(problem=f"time limit of {time_limit} s exceeded (a loop that never ends?)")
-    if not os.path.exists(report):
-        return Outcome(problem=f"the tests did not run: {first_line(output[-2000:])}")
-    results = read_report(report)
+        report = os.path.join(reports, "report.xml")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                   " or ".join(e.lower() for e in exercises), "tests/exercises",
+                   f"--junitxml={report}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=env,
+                                   start_new_session=True)
+        try:
+            output = process.communicate(timeout=time_limit)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the tests and anything they started
+            process.communicate()
+            return Outcome(problem=f"time limit of {time_limit} s exceeded (a loop that never "
+                           "ends?)")
+        if not os.path.exists(report):
+            return Outcome(problem=f"the tests did not run: {first_line(output[-2000:])}")
+        results = read_report(report)
     broken = [message for test, message in results.items() if not test.startswith("test_")]
     if broken:  # a test file could not be imported: the submission's code fails on import
         return Outcome(problem=f"the tests could not import the code: {broken[0]}")
@@ -177,7 +197,7 @@ def grade_submission(submission, exercises, time_limit=TIME_LIMIT):
         work = os.path.join(scratch, "work")
         shutil.copytree(source, work, ignore=NOT_COPIED)
         restore_tests(work)
-        outcomes = {e: run_exercise(work, e, time_limit) for e in exercises}
+        outcomes = run_exercises(work, exercises, time_limit)
     notes = [f"changed the tests ({', '.join(changed)}): graded with the teacher's"] if changed \
         else []
     return outcomes, notes + notes_of(outcomes)

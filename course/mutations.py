@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from course.exercises import EXERCISES, copy_project
-from course.grading import run_exercise
+from course.grading import run_tests
 from plumbing.cli import new_parser, run_cli
 
 
@@ -220,7 +220,7 @@ def verdicts(plants, workers=2, time_limit=120):
                 folder = free.pop()
             reference = plant(folder, planted)
             try:
-                return planted, run_exercise(folder, planted.exercise, time_limit)
+                return planted, run_tests(folder, [planted.exercise], time_limit)
             finally:
                 with open(os.path.join(folder, planted.file), "w") as f:
                     f.write(reference)

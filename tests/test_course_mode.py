@@ -23,16 +23,12 @@ def run_exercise_tests(folder):
     return grading.read_report(report)
 
 
-def exercise_of(test_name):  # test_e6_... -> E6
-    return test_name.split("_")[1].upper()
-
-
 @pytest.mark.slow
 def test_exactly_the_blanked_exercises_fail_and_the_solution_passes(tmp_path):
     everything = tmp_path / "all"
     assignment.make(str(everything), list(assignment.EXERCISES), log=lambda *a: None)
     results = run_exercise_tests(everything)
-    assert {exercise_of(t) for t in results} == set(assignment.EXERCISES)
+    assert {grading.exercise_of(t) for t in results} == set(assignment.EXERCISES)
     for test, message in results.items():  # later exercises stop at an earlier one's block: E3 samples through E1's
         assert message and message.startswith("NotImplementedError: E"), (test, message)
     handout = (everything / "ASSIGNMENT.md").read_text()
@@ -42,7 +38,7 @@ def test_exactly_the_blanked_exercises_fail_and_the_solution_passes(tmp_path):
         alone = tmp_path / exercise
         assignment.make(str(alone), [exercise], log=lambda *a: None)
         for test, message in run_exercise_tests(alone).items():
-            if exercise_of(test) == exercise:
+            if grading.exercise_of(test) == exercise:
                 assert message and message.startswith(f"NotImplementedError: {exercise}: "), (test, message)
             else:
                 assert message is None, (exercise, test, message)
@@ -105,10 +101,10 @@ def test_a_test_that_hangs_is_stopped_at_the_time_limit_and_a_skipped_one_earns_
         "import pytest\n\n@pytest.mark.e8\ndef test_e8_forever():\n    while True:\n        pass\n\n\n"
         "@pytest.mark.e7\ndef test_e7_skipped():\n    pytest.skip('not today')\n\n\n"
         "@pytest.mark.e7\ndef test_e7_passes():\n    pass\n")
-    outcome = grading.run_exercise(str(tmp_path), "E8", time_limit=5)
-    assert outcome.problem.startswith("time limit of 5 s exceeded") and grading.score(outcome, 10) == 0
-    outcome = grading.run_exercise(str(tmp_path), "E7", time_limit=60)
-    assert outcome.failures() == {"test_e7_skipped": "skipped: not today"} and grading.score(outcome, 10) == 5
+    outcomes = grading.run_exercises(str(tmp_path), ["E7", "E8"], time_limit=5)  # together past the limit: one by one
+    assert outcomes["E8"].problem.startswith("time limit of 5 s exceeded") and grading.score(outcomes["E8"], 10) == 0
+    assert outcomes["E7"].failures() == {"test_e7_skipped": "skipped: not today"}
+    assert grading.score(outcomes["E7"], 10) == 5
     assert not list(tmp_path.glob("**/*.xml")), "the report is written outside the submission"
 
 
@@ -182,3 +178,14 @@ def test_a_class_is_folders_and_zips_and_a_broken_zip_gets_a_row(tmp_path):
         grading.submissions_in(str(tmp_path))
     with pytest.raises(ValueError, match="holds no submission"):
         grading.submissions_in(str(tmp_path / ".hidden"))
+
+
+def test_every_exercise_test_is_named_after_its_marker():
+    import ast
+    folder = os.path.join(exercises.ROOT, "tests", "exercises")
+    for name in ("test_exercises.py", "test_hidden.py"):
+        for node in ast.parse(open(os.path.join(folder, name)).read()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                marks = [d.attr for d in ast.walk(node) if isinstance(d, ast.Attribute) and d.attr[:1] == "e"
+                         and d.attr[1:].isdigit()]
+                assert marks == [grading.exercise_of(node.name).lower()], (name, node.name, marks)

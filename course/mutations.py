@@ -178,7 +178,7 @@ ALTERNATIVES = [
           "                self.value(x).sum().backward()\n"
           "            grad = x.grad - 2 * c.l2 * u"),
     Plant("E7", "u += alpha grad", ASCENT, ASCEND, "            u += c.step_size * grad"),
-    Plant("E8", "n-grams with zip and a Counter-free set", METRIC, GRAMS,
+    Plant("E8", "n-grams with zip", METRIC, GRAMS,
           "            grams = list(zip(*(tokens[i:] for i in range(n))))"),
     Plant("E8", "a plain mean", METRIC, AVERAGE,
           '    return sum(scores) / len(scores) if scores else float("nan")'),
@@ -259,6 +259,11 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2,
                         help="copies of the project tested at once (one per CPU core)")
     args = parser.parse_args(argv)
+    unknown = [e for e in args.only if e not in EXERCISES]
+    if unknown:
+        raise ValueError(f"unknown exercise {unknown[0]}; --only takes {', '.join(EXERCISES)}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be a number >= 1, got {args.workers}")
     chosen = [[p for p in plants if p.exercise in args.only] for plants in (MISTAKES, ALTERNATIVES)]
     table, problems = report(*chosen, args.workers)
     print(table)

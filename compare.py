@@ -51,10 +51,10 @@ INSTRUCTIONS = {
                   "design . ",
     "other": "A positive, kind and helpful reply follows.\n"}
 NOTE = ("{prompts} held-out prompts x {samples} samples x {seeds} seeds; " + COHERENCE_NOTE
-        + "; KL/token is "
-        "measured against the base model reading the same context, so it is 0 by construction for "
-        "prompting and best-of-N; measuring it costs the state-editing methods one extra LM-head "
-        "product per token, inside their time; reward calls count only the method's own calls.")
+        + "; KL/token is measured against the base model reading the same context, so it is 0 "
+        "by construction for prompting and best-of-N; measuring it costs the state-editing methods "
+        "one extra LM-head product per token, inside their time; reward calls count only the "
+        "method's own calls.")
 
 
 def write_outputs(summaries, sweep, out_dir, note, columns):

@@ -47,10 +47,8 @@ from plumbing.tokenizer import end_of_sequence_ids, named_tokens
 class SamplingConfig:
     """How responses are drawn (E2). The loop reads the first six; sample_many and the scripts the
     last two."""
-    max_new_tokens: int | None = setting(None,
-                                         "longest response (default: what the context leaves "
-                                         "after the "
-                                               "longest prompt, at most 128)")
+    max_new_tokens: int | None = setting(None, "longest response (default: what the context "
+                                         "leaves after the longest prompt, at most 128)")
     temperature: float = setting(1.0, "tau of E2 (0: greedy)")
     top_k: int | None = setting(None, "keep the k most likely tokens")
     top_p: float | None = setting(None,

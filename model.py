@@ -36,10 +36,10 @@ class GPTConfig:
     positions: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
     # "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, Falcon) or "swiglu" (Llama)
     mlp: str = "gelu"
-    # "sequential": attention, then the MLP (GPT-2, Llama); "parallel": both read one norm
+    # "sequential": attention, then the MLP (GPT-2, Llama); "parallel": both read one norm of the
+    # same input and both are added to it (Falcon-7B); "parallel2": the same, each with its own
+    # norm (Falcon-40B)
     block: str = "sequential"
-    # of the same input and both are added to it (Falcon-7B); "parallel2": the same, each with its
-    # own norm (Falcon-40B)
     # biases in every Linear (GPT-2); Llama and Falcon have none (Falcon's LayerNorms do)
     bias: bool = True
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix

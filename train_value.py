@@ -49,34 +49,22 @@ DEFAULT_OUT = "out/toyworld/value.pt"  # the toy world's value, where compare.py
 @dataclass
 class TrainingConfig:
     """How V is trained (E6) and which epoch is kept."""
-    method: str = setting("td",
-                          "td: E6's TD(lambda) with stop-gradient; official: the official code's "
-                          "loss as "
-                                "written")
-    lam: float = setting(1.0,
-                         "lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the default: "
-                         "it "
-                              "steers, see docs/results.md)")
-    stop_gradient: bool = setting(True,
-                                  "hold the TD(lambda) targets fixed (--no-stop-gradient: the "
-                                  "gradient "
-                                        "flows into them too, as the official codes do)")
+    method: str = setting("td", "td: E6's TD(lambda) with stop-gradient; official: the official "
+                          "code's loss as written")
+    lam: float = setting(1.0, "lambda of TD(lambda): 0 the paper's TD(0), 1 Monte Carlo (the "
+                         "default: it steers, see docs/results.md)")
+    stop_gradient: bool = setting(True, "hold the TD(lambda) targets fixed (--no-stop-gradient: "
+                                  "the gradient flows into them too, as the official codes do)")
     gamma: float = setting(1.0, "discount of E6 (the paper: 1)")
     epochs: int = setting(100, "passes over the training rollouts")
     lr: float = setting(1e-3, "Adam learning rate (the paper: 1e-4 or 1e-3)")
     batch_size: int = setting(64, "trajectories per training step", flag="train-batch-size")
-    state_noise: float = setting(0.3,
-                                 "train V on states moved by Gaussian noise of this size relative "
-                                 "to "
-                                      "||o|| (0: none)")
-    held_out: float = setting(0.1,
-                              "fraction of prompts held out: they choose the epoch and the radius "
-                              "of the "
-                                   "control")
-    drop_unfinished: bool = setting(False,
-                                    "train V only on responses that ended (EOS or a stop string), "
-                                    "not "
-                                           "on those cut at --max-new-tokens")
+    state_noise: float = setting(0.3, "train V on states moved by Gaussian noise of this size "
+                                 "relative to ||o|| (0: none)")
+    held_out: float = setting(0.1, "fraction of prompts held out: they choose the epoch and the "
+                              "radius of the control")
+    drop_unfinished: bool = setting(False, "train V only on responses that ended (EOS or a stop "
+                                    "string), not on those cut at --max-new-tokens")
     seed: int = setting(0, "seed of the rollouts, the split and training")
 
     def __post_init__(self):
@@ -103,13 +91,11 @@ class CalibrationConfig:
     """How the strength of E7 is chosen on the held-out prompts (calibrate_control)."""
     step_size: float = setting(3.2, "alpha of E7 stored with V (calibration uses it)")
     n_steps: int = setting(20, "n of E7 stored with V (calibration uses it)")
-    kl_budget: float = setting(0.1,
-                               "calibration: the largest mean per-token KL from the base model the "
-                                    "control may cost")
-    target_quantile: float | None = setting(None,
-                                            "also stop the ascent once V reaches this quantile of "
-                                            "the "
-                                                  "training rewards (e.g. 0.9; default: no target)")
+    kl_budget: float = setting(0.1, "calibration: the largest mean per-token KL from the base "
+                               "model the control may cost")
+    target_quantile: float | None = setting(None, "also stop the ascent once V reaches this "
+                                            "quantile of the training rewards (e.g. 0.9; "
+                                            "default: no target)")
     samples_per_prompt: int = setting(16, "responses per held-out prompt in the calibration",
                                       flag="calibration-samples")
     # with a grammar check: the least grammatical fraction, x the base model's

@@ -42,9 +42,10 @@ EXERCISES = {  # the one place the points are set; they sum to 100
                    "lambda-returns by hand for lambda = 0, 0.5, 1 and gamma < 1; the stop-gradient "
                    "setting both ways; training on gambler's ruin recovers its true values; "
                    "snapshots", 40, 30),
-    "E7": Exercise("The control: gradient ascent on V", "control.py, Controller.control (two "
-                   "blocks)", "n = 0 is the base model; one step is alpha times V's gradient by "
-                   "central differences; the l2 penalty by hand; a snapshot", 25, 20),
+    "E7": Exercise("The control: gradient ascent on V",
+                   "control.py, Controller.control (two blocks)",
+                   "n = 0 is the base model; one step is alpha times V's gradient by central "
+                   "differences; the l2 penalty by hand; a snapshot", 25, 20),
     "E8": Exercise("Diversity", "evaluation/metrics.py, diversity",
                    "hand-computed n-gram diversities, responses of different lengths", 10, 10),
 }

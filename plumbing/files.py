@@ -26,12 +26,12 @@ def write_atomically(path, write):
         os.replace(tmp, path)
     except OSError as e:
         raise OSError(e.errno,
-                      f"could not write {path}: {e.strerror or e} (errno {e.errno}); the file that "
-                               "was there is unchanged") from None
+                      f"could not write {path}: {e.strerror or e} (errno {e.errno}); the file "
+                      "that was there is unchanged") from None
     except RuntimeError as e:  # torch's zip writer reports a full disk or a closed file this way
         raise OSError(errno.EIO,
-                      f"could not write {path}: {str(e).splitlines()[0]}; the file that was there "
-                                 "is unchanged (is the disk full?)") from None
+                      f"could not write {path}: {str(e).splitlines()[0]}; the file that was "
+                      "there is unchanged (is the disk full?)") from None
     finally:  # a failed write (disk full, Ctrl-C, SIGTERM) leaves no temporary file behind
         if os.path.exists(tmp):
             os.remove(tmp)
